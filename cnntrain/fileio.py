@@ -1,0 +1,163 @@
+"""Crash-safe file writes and streamed hashing, shared by weights and checkpoints.
+
+A file that is half written (killed process, full disk, dropped connection) must never sit
+under its final name: a later run would trust it. So every write goes to a temp file in the
+same folder (same file system, so the rename is atomic), is flushed and fsynced, and only
+then renamed onto the target; the folder is fsynced so the rename itself survives a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "atomic_open",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "clean_stale_temps",
+    "fsync_dir",
+    "is_temp_name",
+    "sha256_file",
+    "temp_name",
+]
+
+_TMP_MARK = ".tmp-"
+_CHUNK = 1 << 20
+
+
+def temp_name(target: str | os.PathLike[str]) -> str:
+    """Hidden temp name for ``target``: ``.{name}.tmp-<random>`` (clean_stale_temps finds these)."""
+    return f".{Path(target).name}{_TMP_MARK}{secrets.token_hex(4)}"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for names made by ``temp_name`` (left behind only if a process was killed)."""
+    return name.startswith(".") and _TMP_MARK in name
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Persist a folder's entries (a rename) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows, some network file systems
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _create_temp(folder: Path, target: Path) -> tuple[int, Path]:
+    """Create a fresh temp file next to ``target``; os.open's 0o666 lets the umask apply as usual."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = folder / temp_name(target)
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # astronomically unlikely; pick another name
+            continue
+
+
+@contextmanager
+def atomic_open(
+    path: str | os.PathLike[str], mode: str = "wb", *, encoding: str | None = None
+) -> Iterator[IO[Any]]:
+    """Open ``path`` for writing so it appears complete or not at all.
+
+    Yields a file object on a temp file in the same folder. On normal exit the data is
+    fsynced and renamed onto ``path``; on any exception (KeyboardInterrupt included) the
+    temp file is removed and an existing ``path`` is left untouched.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open supports mode 'wb' or 'w', not {mode!r}")
+    target = Path(path)
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temp(folder, target)
+    if mode == "w" and encoding is None:
+        encoding = "utf-8"
+    try:
+        try:
+            f = os.fdopen(fd, mode, encoding=encoding)
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(folder)
+
+
+def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write_fn(binary_file)`` and publish the result atomically (e.g. ``torch.save``)."""
+    with atomic_open(path, "wb") as f:
+        write_fn(f)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_open(path, "w", encoding=encoding) as f:
+        f.write(text)
+    return Path(path)
+
+
+def clean_stale_temps(folder: str | os.PathLike[str], older_than: float = 60.0) -> list[Path]:
+    """Remove ``.*.tmp-*`` files left in ``folder`` by killed writers; return what was removed.
+
+    Only temps not modified for ``older_than`` seconds go, so a writer that is still busy in
+    another process (a download, another rank) is not pulled from under it. Pass 0 to remove all.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not is_temp_name(entry.name):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if older_than > 0 and now - entry.stat(follow_symlinks=False).st_mtime < older_than:
+                continue
+            os.unlink(entry.path)
+        except FileNotFoundError:  # its writer finished or cleaned up meanwhile
+            continue
+        removed.append(Path(entry.path))
+    return removed
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = _CHUNK) -> str:
+    """Hex SHA-256 of a file, read in chunks so large weights never sit in memory whole."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,162 @@
+"""Name -> builder registry: torchvision's classifiers and our own, behind one lookup.
+
+Builders only construct an architecture (random init, any ``num_classes``); loading
+pretrained weights and swapping the head is done once, generically, in
+``cnntrain.models.get_model``, so a new architecture is one module plus one decorator.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+import torchvision
+from torchvision.models import WeightsEnum
+
+from cnntrain.errors import UsageError
+
+Builder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the rest of cnntrain needs to know about an architecture."""
+
+    name: str
+    builder: Builder
+    family: str
+    source: str  # "torchvision" or "cnntrain"
+    # ImageNet weights that initialise this architecture (for our own models: those of
+    # the plain torchvision network they extend, loaded non-strictly).
+    weights: WeightsEnum | None = None
+    # Our extensions of torchvision networks load those weights partially; the keys the
+    # file lacks (SE / attention layers) start fresh and are reported.
+    partial_weights: bool = False
+    # Keyword arguments for builds from scratch (e.g. no auxiliary heads), and a fix-up
+    # applied after torchvision's builder loaded weights (which refuses those kwargs).
+    build_kwargs: dict[str, Any] = field(default_factory=dict)
+    after_pretrained: Callable[[nn.Module], None] | None = None
+    # Smallest square input the architecture accepts, for quick tests and MAC counts.
+    min_size: int = 32
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(
+    name: str,
+    *,
+    family: str,
+    weights: WeightsEnum | None = None,
+    min_size: int = 32,
+    description: str = "",
+) -> Callable[[Builder], Builder]:
+    """Decorator for cnntrain's own builders; ``weights`` are the torchvision weights to start from."""
+
+    def wrap(builder: Builder) -> Builder:
+        _add(
+            ModelSpec(
+                name=name,
+                builder=builder,
+                family=family,
+                source="cnntrain",
+                weights=weights,
+                partial_weights=weights is not None,
+                min_size=min_size,
+                description=description or (builder.__doc__ or "").strip().split("\n")[0],
+            )
+        )
+        return builder
+
+    return wrap
+
+
+def _add(spec: ModelSpec) -> None:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+
+
+# Families are read off the builder's module (torchvision.models.resnet -> resnet), except
+# where the name says more than the module (resnext and wide_resnet live in resnet.py).
+_FAMILY_PREFIXES = ("resnext", "wide_resnet", "efficientnet_v2", "swin_v2", "mobilenet_v3", "mobilenet_v2")
+
+
+
+def _drop_aux_heads(model: nn.Module) -> None:
+    """Auxiliary classifiers only complicate fine-tuning: train and predict the main head."""
+    model.aux_logits = False
+    for attr in ("AuxLogits", "aux1", "aux2"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+
+
+# torchvision quirks expressed as data: auxiliary classifiers are dropped, and the vision
+# transformers / MaxViT need larger inputs than convnets.
+_NO_AUX = {"aux_logits": False, "init_weights": True}
+_TORCHVISION_KWARGS = {"googlenet": _NO_AUX, "inception_v3": _NO_AUX}
+_TORCHVISION_MIN_SIZE = {"inception_v3": 75, "googlenet": 32, "alexnet": 63, "maxvit_t": 224, "squeezenet1_0": 33}
+
+
+def _family_of(name: str, builder: Builder) -> str:
+    for prefix in _FAMILY_PREFIXES:
+        if name.startswith(prefix):
+            return prefix
+    return builder.__module__.rsplit(".", 1)[-1]
+
+
+def _torchvision_builder(name: str) -> Builder:
+    def build(**kwargs: Any) -> nn.Module:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+
+    build.__name__ = name
+    return build
+
+
+def _register_torchvision() -> None:
+    for name in torchvision.models.list_models(module=torchvision.models):
+        tv_builder = torchvision.models.get_model_builder(name)
+        weights = torchvision.models.get_model_weights(name)
+        min_size = _TORCHVISION_MIN_SIZE.get(name, 224 if name.startswith(("vit_", "swin")) else 32)
+        _add(
+            ModelSpec(
+                name=name,
+                builder=_torchvision_builder(name),
+                family=_family_of(name, tv_builder),
+                source="torchvision",
+                weights=weights.DEFAULT if len(weights) else None,
+                build_kwargs=_TORCHVISION_KWARGS.get(name, {}),
+                after_pretrained=_drop_aux_heads if name in _TORCHVISION_KWARGS else None,
+                min_size=min_size,
+                description=f"torchvision.models.{name}",
+            )
+        )
+
+
+_register_torchvision()
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``; unknown names raise UsageError with close matches."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=3, cutoff=0.0)
+        raise UsageError(
+            f"unknown architecture {name!r}; did you mean: {', '.join(close)}? "
+            "(`cnntrain models` lists them all)"
+        ) from None
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Sorted registered names, optionally filtered by a glob (``resnet*``) or substring."""
+    names = sorted(_REGISTRY)
+    if not pattern:
+        return names
+    if any(ch in pattern for ch in "*?["):
+        return [n for n in names if fnmatch.fnmatch(n, pattern)]
+    return [n for n in names if pattern in n]

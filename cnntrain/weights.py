@@ -1,0 +1,505 @@
+"""Pretrained weights: resolve, download (atomic, hash-checked), cache, load safely.
+
+Files live where torchvision keeps them (``$TORCH_HOME/hub/checkpoints``), so a file fetched
+by either tool serves both. Names follow torch.hub's ``name-<sha256 prefix>.ext`` convention;
+that prefix is checked after every download, copy-in and before every load, and loading is
+always ``weights_only=True``: a weights file is data, never code.
+
+A download streams into a hidden temp file next to its target and is renamed into place only
+once its length and hash are right, so a dropped connection or a killed process never leaves a
+file that a later run would trust. Every failure becomes one ``DownloadError`` line that says
+what happened and what to do next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import os
+import pickle
+import re
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from cnntrain.errors import CheckpointError, DownloadError, WeightsError
+from cnntrain.fileio import atomic_open, is_temp_name, sha256_file
+
+__all__ = [
+    "HASH_REGEX",
+    "MIRROR_ENV",
+    "cache_dir",
+    "download",
+    "ensure_cached",
+    "file_name",
+    "hash_prefix",
+    "import_file",
+    "list_cached",
+    "load_state_dict",
+    "resolve_url",
+    "safe_load",
+    "safe_torchvision_loading",
+    "verify",
+]
+
+# Same pattern as torch.hub, so we check exactly the files torch.hub would check.
+HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
+MIRROR_ENV = "CNNTRAIN_WEIGHTS_MIRROR"
+_CHUNK = 1 << 18
+
+
+# --- names and places ---------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """torchvision's weights folder (follows $TORCH_HOME), so both tools share one cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _url_of(weights: Any) -> str:
+    """URL of a torchvision ``WeightsEnum`` member, a ``Weights`` record, or a URL string."""
+    if isinstance(weights, str):
+        return weights
+    url = getattr(weights, "url", None)
+    if not isinstance(url, str):
+        raise WeightsError(f"{weights!r} is neither a weights entry nor a URL")
+    return url
+
+
+def file_name(weights: Any) -> str:
+    """File name of a weights entry or URL: the last part of its path (``resnet50-11ad3fa6.pth``)."""
+    url = _url_of(weights)
+    name = urllib.parse.unquote(os.path.basename(urllib.parse.urlparse(url).path))
+    if not name:
+        raise WeightsError(f"cannot tell a file name from the URL {url!r}")
+    return name
+
+
+def hash_prefix(file_name: str | os.PathLike[str]) -> str | None:
+    """The SHA-256 prefix a ``name-<hex>.ext`` file name promises, or None if it has none."""
+    match = HASH_REGEX.search(Path(file_name).name)
+    return (match.group(1) or None) if match else None
+
+
+def resolve_url(weights_or_url: Any, mirror: str | None = None) -> str:
+    """Where to fetch from: the original URL, or the same file name under a mirror.
+
+    ``mirror`` (else $CNNTRAIN_WEIGHTS_MIRROR) is a base URL, or a local folder, for machines
+    that cannot reach download.pytorch.org but can reach an internal copy.
+    """
+    url = _url_of(weights_or_url)
+    base = mirror if mirror is not None else os.environ.get(MIRROR_ENV, "")
+    base = base.strip()
+    if not base:
+        return url
+    if "://" not in base:  # a plain folder: urllib reads file:// URLs the same way
+        base = Path(base).expanduser().resolve().as_uri()
+    return f"{base.rstrip('/')}/{urllib.parse.quote(file_name(url))}"
+
+
+def _guess_arch(weights: Any) -> str:
+    """Name of a torchvision model using ``weights``, to write runnable commands in messages."""
+    try:
+        import torchvision.models as tvm
+
+        for name in tvm.list_models():
+            try:
+                if tvm.get_model_weights(name) is type(weights):
+                    return name
+            except Exception:  # noqa: BLE001 - a lookup that fails just is not the answer
+                continue
+    except Exception:  # noqa: BLE001
+        pass
+    return "ARCH"
+
+
+def _human(n: int) -> str:
+    """Byte count for messages: ``512 bytes``, ``3.4 MB``."""
+    if n < 1024:
+        return f"{n} bytes"
+    size = float(n)
+    for unit in ("KB", "MB", "GB", "TB"):
+        size /= 1024
+        if size < 1024 or unit == "TB":
+            return f"{size:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+# --- downloading --------------------------------------------------------------------------
+
+
+class _Failed(Exception):
+    """Internal: what went wrong in a download, before the caller adds what to do about it."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+def _describe_unreachable(reason: object, url: str, timeout: float) -> str:
+    """One phrase for a failure to connect (``URLError.reason`` or a raw socket error)."""
+    host = urllib.parse.urlparse(url).netloc or url
+    if isinstance(reason, ConnectionRefusedError):
+        return f"connection refused by {host} (nothing is listening there)"
+    if isinstance(reason, TimeoutError):
+        return f"no answer from {host} within {timeout:g} s"
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve {host} (offline, or no DNS)"
+    if isinstance(reason, FileNotFoundError):
+        return f"{url} does not exist"
+    if isinstance(reason, OSError) and reason.strerror:
+        return f"cannot reach {host}: {reason.strerror}"
+    return f"cannot reach {host}: {reason}"
+
+
+def _content_length(response: Any) -> int | None:
+    """Announced body size, or None when the server does not say (or says nonsense)."""
+    value = response.headers.get("Content-Length")
+    try:
+        length = int(value) if value is not None else None
+    except ValueError:
+        return None
+    return length if length is not None and length >= 0 else None
+
+
+def _fetch(url: str, dest: Path, *, timeout: float, progress: bool) -> None:
+    """Stream ``url`` into ``dest`` atomically, checking length and hash; raise ``_Failed``."""
+    host = urllib.parse.urlparse(url).netloc or url
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "cnntrain"})
+        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s)/file only
+    except urllib.error.HTTPError as err:
+        err.close()
+        gone = " (the file is not there: check the URL or --mirror)" if err.code in (404, 410) else ""
+        raise _Failed(f"{host} answered HTTP {err.code} {err.reason}{gone}") from err
+    except urllib.error.URLError as err:
+        raise _Failed(_describe_unreachable(err.reason, url, timeout)) from err
+    except ValueError as err:  # no scheme, malformed URL
+        raise _Failed(f"{url!r} is not a usable URL ({err})") from err
+    except (OSError, http.client.HTTPException) as err:  # timeout or reset before the headers
+        raise _Failed(_describe_unreachable(err, url, timeout)) from err
+
+    expected_hash = hash_prefix(dest.name)
+    with response:
+        length = _content_length(response)
+        digest = hashlib.sha256()
+        received = 0
+        bar = tqdm(
+            total=length,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=dest.name,
+            disable=None if progress else True,  # None: no bar off a terminal (CI logs)
+            leave=False,
+        )
+        with bar, atomic_open(dest, "wb") as out:
+            while True:
+                try:
+                    chunk = response.read(_CHUNK)
+                except TimeoutError as err:
+                    raise _Failed(
+                        f"the transfer from {host} stalled: no data for {timeout:g} s after {_human(received)}"
+                    ) from err
+                except http.client.IncompleteRead as err:
+                    received += len(err.partial)
+                    raise _Failed(_truncated(received, length, host)) from err
+                except (OSError, http.client.HTTPException) as err:
+                    raise _Failed(f"the connection to {host} broke after {_human(received)} ({err})") from err
+                if not chunk:
+                    break
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+            if length is not None and received != length:
+                raise _Failed(_truncated(received, length, host))
+            if received == 0:
+                raise _Failed(f"{host} sent an empty file")
+            actual = digest.hexdigest()
+            if expected_hash and not actual.startswith(expected_hash):
+                raise _Failed(
+                    f"the downloaded file failed its hash check (SHA-256 starts with "
+                    f"{actual[: len(expected_hash)]}, the name {dest.name} promises {expected_hash}): "
+                    "the server or a proxy sent different content"
+                )
+
+
+def _truncated(received: int, length: int | None, host: str) -> str:
+    total = f" of {_human(length)}" if length is not None else ""
+    return f"the download from {host} was cut short after {_human(received)}{total}"
+
+
+def _download(url: str, folder: Path, *, timeout: float, progress: bool) -> Path:
+    """Shared body of ``download`` and ``ensure_cached``: failures come out as ``_Failed``."""
+    dest = folder / file_name(url)
+    if dest.is_file() and _hash_ok(dest):
+        return dest
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _fetch(url, dest, timeout=timeout, progress=progress)
+    except _Failed:
+        raise
+    except OSError as err:  # our side: full disk, read-only cache
+        raise _Failed(
+            f"cannot write into {folder} ({err.strerror or err}); free some space or point "
+            "TORCH_HOME at a writable folder"
+        ) from err
+    return dest
+
+
+def _download_hint(name: str, arch: str) -> str:
+    return (
+        f"retry, use --mirror BASE_URL (or set {MIRROR_ENV}), or fetch {name} another way and "
+        f"copy it in with `cnntrain download-weights {arch} --from FILE`"
+    )
+
+
+def download(
+    url: str,
+    dest_dir: str | os.PathLike[str] | None = None,
+    *,
+    timeout: float = 30.0,
+    progress: bool = True,
+    arch: str | None = None,
+) -> Path:
+    """Fetch ``url`` into ``dest_dir`` (default: the cache) and return the verified file.
+
+    ``timeout`` bounds the connect and every read (a stalled server fails, a slow one does
+    not). A file already there that passes its hash check is returned without a download;
+    on any failure nothing new is left in ``dest_dir`` and ``DownloadError`` says why.
+    """
+    folder = Path(dest_dir) if dest_dir is not None else cache_dir()
+    try:
+        return _download(url, folder, timeout=timeout, progress=progress)
+    except _Failed as err:
+        name = file_name(url)
+        raise DownloadError(
+            f"could not download {name}: {err.what}; {_download_hint(name, arch or 'ARCH')}"
+        ) from err.__cause__
+
+
+# --- the cache ----------------------------------------------------------------------------
+
+
+def _hash_ok(path: Path) -> bool:
+    """True if ``path`` is non-empty and matches the hash prefix its name carries (if any)."""
+    expected = hash_prefix(path.name)
+    try:
+        if path.stat().st_size == 0:
+            return False
+        return expected is None or sha256_file(path).startswith(expected)
+    except OSError:
+        return False
+
+
+def verify(path: str | os.PathLike[str], *, arch: str | None = None) -> None:
+    """Re-check a cached file against the SHA-256 prefix in its name; raise ``WeightsError``.
+
+    Disks, interrupted copies and hand edits do corrupt files; loading one would give a
+    silently broken model or a confusing unpickling error far from the cause.
+    """
+    p = Path(path)
+    expected = hash_prefix(p.name)
+    if expected is None:
+        return
+    try:
+        actual = sha256_file(p)
+    except FileNotFoundError:
+        raise WeightsError(f"{p} not found") from None
+    except OSError as err:
+        raise WeightsError(f"cannot read {p}: {err.strerror or err}") from err
+    if not actual.startswith(expected):
+        raise WeightsError(
+            f"corrupted cache file {p}: its SHA-256 starts with {actual[: len(expected)]}, its name "
+            f"says {expected}; delete it and re-download with `cnntrain download-weights {arch or 'ARCH'}`"
+        )
+
+
+def import_file(
+    src: str | os.PathLike[str],
+    dest_dir: str | os.PathLike[str] | None = None,
+    *,
+    name: str | None = None,
+    arch: str | None = None,
+) -> Path:
+    """Copy a local weights file into the cache atomically (for offline machines).
+
+    Stored as ``name`` (default: the source's own name), whose hash prefix, if any, the
+    content must match; on a mismatch nothing is left behind and ``WeightsError`` is raised.
+    """
+    source = Path(src).expanduser()
+    if not source.exists():
+        raise WeightsError(f"{source} not found")
+    if not source.is_file():
+        raise WeightsError(f"{source} is not a file")
+    folder = Path(dest_dir) if dest_dir is not None else cache_dir()
+    dest = folder / (name or source.name)
+    expected = hash_prefix(dest.name)
+    if dest.exists() and os.path.samefile(source, dest):
+        verify(dest, arch=arch)
+        return dest
+    refetch = f"fetch it again (e.g. `cnntrain download-weights {arch or 'ARCH'}`)"
+    try:
+        with open(source, "rb") as f_in, atomic_open(dest, "wb") as f_out:
+            digest = hashlib.sha256()
+            size = 0
+            while chunk := f_in.read(_CHUNK):
+                f_out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            if size == 0:
+                raise WeightsError(f"{source} is empty (0 bytes); {refetch}")
+            actual = digest.hexdigest()
+            if expected and not actual.startswith(expected):
+                raise WeightsError(
+                    f"{source} is not {dest.name}: its SHA-256 starts with {actual[: len(expected)]}, "
+                    f"the name promises {expected}; the file is damaged or a different release, {refetch}"
+                )
+    except OSError as err:
+        raise WeightsError(f"cannot copy {source} into {folder}: {err.strerror or err}") from err
+    return dest
+
+
+def list_cached(dest_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """Files in the cache: ``name``, ``size`` (bytes), ``path`` (Path), ``hash_prefix``."""
+    folder = Path(dest_dir) if dest_dir is not None else cache_dir()
+    if not folder.is_dir():
+        return []
+    entries = []
+    for path in sorted(folder.iterdir()):
+        if is_temp_name(path.name) or path.name.startswith(".") or not path.is_file():
+            continue
+        entries.append(
+            {"name": path.name, "size": path.stat().st_size, "path": path, "hash_prefix": hash_prefix(path.name)}
+        )
+    return entries
+
+
+# --- loading ------------------------------------------------------------------------------
+
+_GLOBAL_RE = re.compile(r"GLOBAL (\S+?)(?: whose| was|\s|$)")
+
+
+def _first_line(err: BaseException | str, limit: int = 120) -> str:
+    """An exception's text squeezed onto one short line (messages must stay one line)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, BaseException):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def safe_load(path: str | os.PathLike[str]) -> Any:
+    """``torch.load`` with ``weights_only=True`` on the CPU, failures as one-line ``CheckpointError``.
+
+    There is deliberately no unsafe fallback: a pickle that wants to import a function or
+    build an arbitrary object is refused, because loading it could run any code.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} not found")
+    if not p.is_file():
+        raise CheckpointError(f"{p} is not a file")
+    damaged = "; delete it and download or save it again"
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p} is damaged: it is empty (0 bytes){damaged}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        message = str(err)
+        found = _GLOBAL_RE.search(message)
+        if found or "Can only create new object" in message or "Can only build" in message:
+            what = f"it references {found.group(1)}" if found else "it builds arbitrary objects"
+            raise CheckpointError(
+                f"refused to load {p}: it contains code or objects that are not plain tensors "
+                f"({what}); cnntrain only loads tensors and plain containers, so nothing in it was run"
+            ) from None
+        # torch wraps the unpickler's reason in advice to retry with weights_only=False: drop it.
+        reason = message.rsplit("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0]
+        raise CheckpointError(f"{p} is damaged or not a PyTorch file ({_first_line(reason)}){damaged}") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch reports damage as many types (EOF, OSError, KeyError ...)
+        raise CheckpointError(f"{p} is damaged or not a PyTorch file ({_first_line(err)}){damaged}") from err
+
+
+def ensure_cached(
+    weights: Any,
+    *,
+    mirror: str | None = None,
+    timeout: float = 30.0,
+    progress: bool = True,
+    download_missing: bool = True,
+    arch: str | None = None,
+) -> Path:
+    """Path of the verified cached file for ``weights``, downloading it if missing and allowed.
+
+    When the file is neither cached nor obtainable, the error names the three ways out:
+    fetch it with ``cnntrain download-weights``, bring your own with ``--weights FILE``, or
+    train without it (``--no-pretrained``).
+    """
+    name = file_name(weights)
+    folder = cache_dir()
+    path = folder / name
+    label = arch or (_guess_arch(weights) if not isinstance(weights, str) else "ARCH")
+    if path.is_file():
+        verify(path, arch=label)
+        return path
+    ways = (
+        f"`cnntrain download-weights {label}` (with --mirror BASE_URL or --from FILE when offline), "
+        "`--weights FILE` to use your own file, or `--no-pretrained` to train from scratch"
+    )
+    if not download_missing:
+        raise WeightsError(f"pretrained weights {name} are not in {folder} and downloading is off; use {ways}")
+    try:
+        return _download(resolve_url(weights, mirror), folder, timeout=timeout, progress=progress)
+    except _Failed as err:
+        raise DownloadError(
+            f"pretrained weights {name} are not cached and could not be downloaded: {err.what}; retry, or use {ways}"
+        ) from err.__cause__
+
+
+def load_state_dict(weights: Any, **kw: Any) -> dict[str, torch.Tensor]:
+    """The state dict of ``weights``: cached (``kw`` go to ``ensure_cached``), verified, loaded safely.
+
+    ``ensure_cached`` hashes a cached file and ``download`` hashes a new one, so the file is
+    verified exactly once per call.
+    """
+    path = ensure_cached(weights, **kw)
+    state = safe_load(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+@contextlib.contextmanager
+def safe_torchvision_loading(**kw: Any) -> Iterator[None]:
+    """Let torchvision builders load weights through ``load_state_dict`` (verified, weights_only).
+
+    torchvision's builders know each family's quirks (DenseNet key renames, Inception's
+    transform_input), but fetch through ``torch.hub`` with ``weights_only=False``. Inside this
+    context ``WeightsEnum.get_state_dict`` is ours; it is restored on exit, errors included.
+    ``kw`` (mirror, timeout, progress, download_missing, arch) go to ``ensure_cached``. The
+    patch is process-wide, so keep the context short.
+    """
+    from torchvision.models import WeightsEnum
+
+    original = WeightsEnum.__dict__["get_state_dict"]
+
+    def get_state_dict(self: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        options = {"progress": kwargs.get("progress", True), **kw}
+        return load_state_dict(self, **options)  # looked up at call time: patchable in tests
+
+    WeightsEnum.get_state_dict = get_state_dict  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        WeightsEnum.get_state_dict = original  # type: ignore[method-assign]

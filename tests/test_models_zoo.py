@@ -1,0 +1,73 @@
+"""Every registered architecture builds with a new class count and trains one step.
+
+The registry is parametrised over, so a newly registered model is tested without touching
+this file. The few giants (hundreds of millions of parameters) are in the `slow` group.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from cnntrain.models import find_head, get_model, get_spec, list_models, model_info
+from cnntrain.models.stats import model_stats
+
+# Models whose single training step takes several seconds on two CPU cores.
+GIANT = {name for name in list_models() if name.startswith(("vit_h", "vit_l", "regnet_y_128gf", "regnet_y_32gf",
+                                                              "regnet_x_32gf", "efficientnet_b7", "efficientnet_v2_l",
+                                                              "convnext_large", "swin_v2_b", "swin_b", "maxvit"))}
+
+
+def _params(name: str):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in GIANT else n for n in list_models() if n.startswith(name)]
+
+
+def test_every_torchvision_classifier_is_registered():
+    tv = set(torchvision.models.list_models(module=torchvision.models))
+    assert tv <= set(list_models())
+    own = {"se_resnet18", "se_resnet34", "se_resnet50", "se_resnet101", "se_resnet152", "se_resnext50_32x4d",
+           "cbam_resnet50", "shufflenet_v1_g1", "shufflenet_v1_g2", "shufflenet_v1_g3", "shufflenet_v1_g4",
+           "shufflenet_v1_g8"}
+    assert own <= set(list_models())
+    assert all(get_spec(n).source == "cnntrain" for n in own)
+
+
+@pytest.mark.parametrize("name", _params(""))
+def test_builds_and_trains_one_step(name):
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=7)
+    size = max(64, get_spec(name).min_size)
+    model.train()
+    x = torch.randn(2, 3, size, size)
+    out = model(x)
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+    out.float().logsumexp(1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+    assert find_head(model, 7)
+
+
+def test_list_models_pattern():
+    assert list_models("resnet5*") == ["resnet50"]
+    assert "se_resnet50" in list_models("se_res")
+    assert list_models("no-such-model") == []
+
+
+def test_model_info_reports_weights_and_accuracy():
+    info = model_info("resnet50")
+    assert info["pretrained"] and info["weights"].startswith("resnet50-") and info["top1"] > 75
+    assert info["source"] == "torchvision"
+    se = model_info("se_resnet50")
+    assert se["source"] == "cnntrain" and se["weights"].startswith("resnet50-") and se["top1"] is None
+    assert model_info("shufflenet_v1_g3")["pretrained"] is False
+
+
+def test_stats_match_torchvision_metadata():
+    """Our MAC counter against torchvision's published GFLOPS (which are MACs) and params."""
+    for name in ("resnet50", "mobilenet_v3_large", "vit_b_16", "regnet_y_400mf"):
+        meta = get_spec(name).weights.meta
+        stats = model_stats(name, 224)
+        assert stats["params_m"] * 1e6 == meta["num_params"]
+        assert stats["gmacs"] == pytest.approx(meta["_ops"], rel=0.05), name
