@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import os
 import pickle
 import re
-import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from cnntrain.download import FetchError, fetch
 from cnntrain.errors import CheckpointError, DownloadError, WeightsError
 from cnntrain.fileio import atomic_open, is_temp_name, sha256_file
 
@@ -121,139 +119,15 @@ def _guess_arch(weights: Any) -> str:
     return "ARCH"
 
 
-def _human(n: int) -> str:
-    """Byte count for messages: ``512 bytes``, ``3.4 MB``."""
-    if n < 1024:
-        return f"{n} bytes"
-    size = float(n)
-    for unit in ("KB", "MB", "GB", "TB"):
-        size /= 1024
-        if size < 1024 or unit == "TB":
-            return f"{size:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
 # --- downloading --------------------------------------------------------------------------
 
 
-class _Failed(Exception):
-    """Internal: what went wrong in a download, before the caller adds what to do about it."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(what)
-        self.what = what
-
-
-def _describe_unreachable(reason: object, url: str, timeout: float) -> str:
-    """One phrase for a failure to connect (``URLError.reason`` or a raw socket error)."""
-    host = urllib.parse.urlparse(url).netloc or url
-    if isinstance(reason, ConnectionRefusedError):
-        return f"connection refused by {host} (nothing is listening there)"
-    if isinstance(reason, TimeoutError):
-        return f"no answer from {host} within {timeout:g} s"
-    if isinstance(reason, socket.gaierror):
-        return f"cannot resolve {host} (offline, or no DNS)"
-    if isinstance(reason, FileNotFoundError):
-        return f"{url} does not exist"
-    if isinstance(reason, OSError) and reason.strerror:
-        return f"cannot reach {host}: {reason.strerror}"
-    return f"cannot reach {host}: {reason}"
-
-
-def _content_length(response: Any) -> int | None:
-    """Announced body size, or None when the server does not say (or says nonsense)."""
-    value = response.headers.get("Content-Length")
-    try:
-        length = int(value) if value is not None else None
-    except ValueError:
-        return None
-    return length if length is not None and length >= 0 else None
-
-
-def _fetch(url: str, dest: Path, *, timeout: float, progress: bool) -> None:
-    """Stream ``url`` into ``dest`` atomically, checking length and hash; raise ``_Failed``."""
-    host = urllib.parse.urlparse(url).netloc or url
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "cnntrain"})
-        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s)/file only
-    except urllib.error.HTTPError as err:
-        err.close()
-        gone = " (the file is not there: check the URL or --mirror)" if err.code in (404, 410) else ""
-        raise _Failed(f"{host} answered HTTP {err.code} {err.reason}{gone}") from err
-    except urllib.error.URLError as err:
-        raise _Failed(_describe_unreachable(err.reason, url, timeout)) from err
-    except ValueError as err:  # no scheme, malformed URL
-        raise _Failed(f"{url!r} is not a usable URL ({err})") from err
-    except (OSError, http.client.HTTPException) as err:  # timeout or reset before the headers
-        raise _Failed(_describe_unreachable(err, url, timeout)) from err
-
-    expected_hash = hash_prefix(dest.name)
-    with response:
-        length = _content_length(response)
-        digest = hashlib.sha256()
-        received = 0
-        bar = tqdm(
-            total=length,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=dest.name,
-            disable=None if progress else True,  # None: no bar off a terminal (CI logs)
-            leave=False,
-        )
-        with bar, atomic_open(dest, "wb") as out:
-            while True:
-                try:
-                    chunk = response.read(_CHUNK)
-                except TimeoutError as err:
-                    raise _Failed(
-                        f"the transfer from {host} stalled: no data for {timeout:g} s after {_human(received)}"
-                    ) from err
-                except http.client.IncompleteRead as err:
-                    received += len(err.partial)
-                    raise _Failed(_truncated(received, length, host)) from err
-                except (OSError, http.client.HTTPException) as err:
-                    raise _Failed(f"the connection to {host} broke after {_human(received)} ({err})") from err
-                if not chunk:
-                    break
-                out.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-            if length is not None and received != length:
-                raise _Failed(_truncated(received, length, host))
-            if received == 0:
-                raise _Failed(f"{host} sent an empty file")
-            actual = digest.hexdigest()
-            if expected_hash and not actual.startswith(expected_hash):
-                raise _Failed(
-                    f"the downloaded file failed its hash check (SHA-256 starts with "
-                    f"{actual[: len(expected_hash)]}, the name {dest.name} promises {expected_hash}): "
-                    "the server or a proxy sent different content"
-                )
-
-
-def _truncated(received: int, length: int | None, host: str) -> str:
-    total = f" of {_human(length)}" if length is not None else ""
-    return f"the download from {host} was cut short after {_human(received)}{total}"
-
-
 def _download(url: str, folder: Path, *, timeout: float, progress: bool) -> Path:
-    """Shared body of ``download`` and ``ensure_cached``: failures come out as ``_Failed``."""
+    """Shared body of ``download`` and ``ensure_cached``: failures come out as ``FetchError``."""
     dest = folder / file_name(url)
     if dest.is_file() and _hash_ok(dest):
         return dest
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        _fetch(url, dest, timeout=timeout, progress=progress)
-    except _Failed:
-        raise
-    except OSError as err:  # our side: full disk, read-only cache
-        raise _Failed(
-            f"cannot write into {folder} ({err.strerror or err}); free some space or point "
-            "TORCH_HOME at a writable folder"
-        ) from err
-    return dest
+    return fetch(url, dest, sha256=hash_prefix(dest.name), timeout=timeout, progress=progress)
 
 
 def _download_hint(name: str, arch: str) -> str:
@@ -280,7 +154,7 @@ def download(
     folder = Path(dest_dir) if dest_dir is not None else cache_dir()
     try:
         return _download(url, folder, timeout=timeout, progress=progress)
-    except _Failed as err:
+    except FetchError as err:
         name = file_name(url)
         raise DownloadError(
             f"could not download {name}: {err.what}; {_download_hint(name, arch or 'ARCH')}"
@@ -461,7 +335,7 @@ def ensure_cached(
         raise WeightsError(f"pretrained weights {name} are not in {folder} and downloading is off; use {ways}")
     try:
         return _download(resolve_url(weights, mirror), folder, timeout=timeout, progress=progress)
-    except _Failed as err:
+    except FetchError as err:
         raise DownloadError(
             f"pretrained weights {name} are not cached and could not be downloaded: {err.what}; retry, or use {ways}"
         ) from err.__cause__

@@ -17,7 +17,7 @@ from cnntrain.errors import WeightsError
 
 # Our own architectures register themselves on import.
 from cnntrain.models import cbam, se_resnet, shufflenet_v1  # noqa: F401
-from cnntrain.models.heads import count_parameters, find_head, freeze_backbone, replace_head
+from cnntrain.models.heads import find_head, freeze_backbone, replace_head
 from cnntrain.models.registry import ModelSpec, get_spec, list_models
 
 __all__ = [

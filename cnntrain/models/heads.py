@@ -7,7 +7,6 @@ the model's class count. No per-family tables, so new architectures need nothing
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from cnntrain.errors import UsageError
@@ -70,8 +69,3 @@ def keep_frozen_bn_eval(model: nn.Module, head: str) -> None:
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not (name == head or name.startswith(head + ".")):
             module.eval()
-
-
-@torch.no_grad()
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

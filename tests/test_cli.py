@@ -1,0 +1,127 @@
+"""The command line itself: entry points, help, errors and exit codes, `models`, `download-weights`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cnntrain import __version__, weights
+from cnntrain.cli import app
+
+
+def test_version_and_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "cnntrain", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"cnntrain {__version__}"
+
+
+def test_help_lists_commands(runner):
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "predict", "eval", "download-weights", "models"):
+        assert command in result.output
+
+
+@pytest.mark.parametrize("argv", [["train", "--arch", "resnet5"], ["download-weights", "resnt50"]])
+def test_unknown_arch_exit_2_with_suggestions(runner, argv):
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and "did you mean:" in line and "resnet50" in line
+
+
+def test_models_json(runner):
+    result = runner.invoke(app, ["models", "resnet*", "--format", "json"])
+    assert result.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert set(rows) == {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
+    r50 = rows["resnet50"]
+    assert r50["params_m"] == pytest.approx(25.557, abs=0.01)
+    assert r50["gmacs"] == pytest.approx(4.09, abs=0.05)
+    assert r50["pretrained"] and r50["top1"] == pytest.approx(80.858) and r50["source"] == "torchvision"
+
+
+def test_models_table_and_no_match(runner):
+    result = runner.invoke(app, ["models", "shufflenet_v1*"])
+    assert result.exit_code == 0 and "shufflenet_v1_g3" in result.stdout and "cnntrain" in result.stdout
+    result = runner.invoke(app, ["models", "nothing-like-this"])
+    assert result.exit_code == 1 and "no architecture matches" in result.stderr
+
+
+def test_bad_option_value_is_usage_error(runner):
+    result = runner.invoke(app, ["models", "--format", "xml"])
+    assert result.exit_code == 2 and "--format" in result.stderr
+
+
+# --- download-weights through the CLI, against the loopback server -----------------------
+
+
+def _payload() -> tuple[bytes, str]:
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf)
+    data = buf.getvalue()
+    return data, f"tiny-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+
+
+@pytest.mark.timeout(60)
+def test_download_weights_url_good_then_list(runner, server):
+    data, name = _payload()
+    url = server.add(name, data)
+    result = runner.invoke(app, ["download-weights", "--url", url])
+    assert result.exit_code == 0, result.output
+    assert (weights.cache_dir() / name).read_bytes() == data
+    listing = runner.invoke(app, ["download-weights", "--list"])
+    assert name in listing.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["truncated", "wrong_hash", "stall_headers", "refused"])
+def test_download_weights_failures_leave_cache_clean(runner, server, closed_port, kind):
+    data, name = _payload()
+    if kind == "refused":
+        url = f"http://127.0.0.1:{closed_port}/{name}"
+    elif kind == "wrong_hash":
+        url = server.add(name, data + b"tampered")
+    else:
+        url = server.add(name, data, kind=kind)
+    result = runner.invoke(app, ["download-weights", "--url", url, "--timeout", "0.5"])
+    assert result.exit_code != 0
+    assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+    cache = weights.cache_dir()
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+@pytest.mark.timeout(60)
+def test_download_weights_mirror_hash_mismatch(runner, server):
+    """A mirror serving a file that does not match the hash in torchvision's name is refused."""
+    from cnntrain.models import get_spec
+
+    name = weights.file_name(get_spec("resnet18").weights)
+    server.add(name, b"not the real weights")
+    result = runner.invoke(app, ["download-weights", "resnet18", "--mirror", server.mirror, "--timeout", "2"])
+    assert result.exit_code != 0 and "hash" in result.stderr.lower()
+    cache = weights.cache_dir()
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_download_weights_from_file(runner, tmp_path):
+    data, name = _payload()
+    src = tmp_path / name
+    src.write_bytes(data)
+    result = runner.invoke(app, ["download-weights", "--from", str(src)])
+    assert result.exit_code == 0, result.output
+    assert (weights.cache_dir() / name).is_file()
+
+
+def test_train_without_cached_weights_names_three_ways_out(runner, closed_port, monkeypatch, image_folder, tmp_path):
+    monkeypatch.setenv("CNNTRAIN_WEIGHTS_MIRROR", f"http://127.0.0.1:{closed_port}")
+    result = runner.invoke(app, ["train", "--data-path", str(image_folder), "--arch", "resnet18", "--epochs", "1",
+                                 "--project", str(tmp_path), "--workers", "0"])
+    assert result.exit_code == 1
+    for way in ("cnntrain download-weights resnet18", "--weights", "--no-pretrained"):
+        assert way in result.stderr
