@@ -1,0 +1,55 @@
+"""Data: image folders and built-in datasets, uint8 transforms, on-device normalisation, loaders.
+
+Datasets yield ``(uint8 3xHxW tensor, int label)``; batches travel to the device as uint8 and
+:class:`Normalize` makes them float there (see DESIGN.md, "The input path").
+"""
+
+from cnntrain.data.builtins import BUILTIN_DATASETS, load_builtin
+from cnntrain.data.datasets import (
+    IMG_EXTENSIONS,
+    DatasetSplits,
+    ImageDataset,
+    cache_root,
+    decode_image,
+    load_folder,
+    scan_classes,
+    split_samples,
+)
+from cnntrain.data.download import download_verified, extract_tar, verify_file
+from cnntrain.data.loader import default_workers, make_loader, seed_worker
+from cnntrain.data.shapes import SHAPE_CLASSES, generate_shapes
+from cnntrain.data.transforms import (
+    AUGMENTATIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Normalize,
+    eval_transform,
+    train_transform,
+)
+
+__all__ = [
+    "AUGMENTATIONS",
+    "BUILTIN_DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMG_EXTENSIONS",
+    "SHAPE_CLASSES",
+    "DatasetSplits",
+    "ImageDataset",
+    "Normalize",
+    "cache_root",
+    "decode_image",
+    "default_workers",
+    "download_verified",
+    "eval_transform",
+    "extract_tar",
+    "generate_shapes",
+    "load_builtin",
+    "load_folder",
+    "make_loader",
+    "scan_classes",
+    "seed_worker",
+    "split_samples",
+    "train_transform",
+    "verify_file",
+]
