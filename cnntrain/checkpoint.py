@@ -1,0 +1,220 @@
+"""Self-describing checkpoints and run folders.
+
+A checkpoint carries everything `predict` and `eval` need (architecture, class names, image
+size, normalisation, the resolved config) so a trained model is one file. It holds only plain
+types and tensors, so it always loads with ``weights_only=True``; writes are atomic so a
+crash never leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from cnntrain import fileio
+from cnntrain.errors import CheckpointError, UsageError
+from cnntrain.weights import safe_load
+
+FORMAT = "cnntrain-checkpoint"
+FORMAT_VERSION = 1
+# Wrappers that prefix parameter names: DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP / torch.compile prefixes so every checkpoint loads into a bare model."""
+    cleaned = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        cleaned[key] = value
+    return cleaned
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    try:
+        with fileio.atomic_open(path, "wb") as fh:
+            torch.save(payload, fh)
+    except OSError as exc:
+        raise CheckpointError(f"could not write {path}: {exc.strerror or exc}; the previous file is unchanged") from None
+    return path
+
+
+def make_checkpoint(model: nn.Module, *, arch: str, classes: list[str], img_size: int,
+                    mean: list[float], std: list[float], config: dict[str, Any], epoch: int,
+                    metrics: dict[str, Any], **training_state: Any) -> dict[str, Any]:
+    """The checkpoint dict; ``training_state`` (optimizer, scheduler, rng...) only in last.pt."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "arch": arch,
+        "classes": list(classes),
+        "img_size": int(img_size),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "config": config,
+        "epoch": int(epoch),
+        "metrics": metrics,
+        "model": clean_state_dict(unwrap(model).state_dict()),
+        **training_state,
+    }
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a cnntrain checkpoint, or wrap a plain state dict as ``{"model": state}``."""
+    path = Path(path)
+    data = safe_load(path)
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        data["model"] = clean_state_dict(data["model"])
+        return data
+    if isinstance(data, dict):
+        # Common shapes of hand-made files: a bare state dict, or one under a usual key.
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(data.get(key), dict):
+                data = data[key]
+                break
+        if data and all(isinstance(v, torch.Tensor) for v in data.values()):
+            return {"model": clean_state_dict(data)}
+    raise CheckpointError(f"{path} is neither a cnntrain checkpoint nor a state dict of tensors")
+
+
+def require_full(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """predict/eval need the self-describing fields; a bare state dict cannot say its classes."""
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a plain state dict without architecture or class names; "
+            "use a checkpoint written by `cnntrain train` (best.pt / last.pt)"
+        )
+    return ckpt
+
+
+@dataclass
+class WeightsReport:
+    loaded: int
+    head_skipped: list[str] = field(default_factory=list)
+
+    def summary(self, path: str | Path) -> str:
+        text = f"loaded {self.loaded} tensors from {path}"
+        if self.head_skipped:
+            text += f"; head {', '.join(self.head_skipped)} has another class count and starts fresh"
+        return text
+
+
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], head: str,
+                      path: str | Path) -> WeightsReport:
+    """Load ``state`` for ``--weights``: only the head may differ (other class count);
+    any other missing, unexpected or mis-shaped key is an error that lists the keys."""
+    own = model.state_dict()
+    is_head = lambda key: key == head or key.startswith(head + ".")  # noqa: E731
+    head_skipped = [k for k, v in state.items() if is_head(k) and k in own and own[k].shape != v.shape]
+    usable = {k: v for k, v in state.items() if k not in head_skipped}
+    mismatched = [k for k, v in usable.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in usable and k not in head_skipped]
+    unexpected = [k for k in usable if k not in own]
+    problems = []
+    for label, keys in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+            problems.append(f"{label}: {', '.join(keys[:5])}{more}")
+    if problems:
+        raise CheckpointError(
+            f"{path} does not fit this architecture ({'; '.join(problems)}); "
+            "check --arch, or start from ImageNet weights with --pretrained"
+        )
+    model.load_state_dict(usable, strict=False)
+    return WeightsReport(loaded=len(usable), head_skipped=head_skipped)
+
+
+# ---------------------------------------------------------------------------- run folders
+
+
+def new_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path:
+    """``project/name``, or ``name2``, ``name3``... when taken; fails early if unwritable."""
+    project = Path(project)
+    if project.exists() and not project.is_dir():
+        raise UsageError(f"--project {project} is a file; give a folder for runs")
+    try:
+        project.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --project folder {project}: {exc.strerror or exc}") from None
+    if not os.access(project, os.W_OK):
+        raise UsageError(f"--project folder {project} is not writable; choose another with --project")
+    run = project / name
+    index = 2
+    while run.exists() and not exist_ok:
+        run = project / f"{name}{index}"
+        index += 1
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def point_latest(run: Path) -> None:
+    """Make ``project/latest`` point at ``run`` (a relative symlink, swapped atomically)."""
+    link = run.parent / "latest"
+    tmp = run.parent / f".latest.tmp-{os.getpid()}"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(run.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:
+        # Filesystems without symlinks: a one-line text file naming the run.
+        fileio.atomic_write_text(link, run.name + "\n")
+
+
+def latest_run(project: str | Path = "runs") -> Path | None:
+    link = Path(project) / "latest"
+    if link.is_symlink() or link.is_dir():
+        target = link.resolve()
+        return target if target.is_dir() else None
+    if link.is_file():
+        target = link.parent / link.read_text(encoding="utf-8").strip()
+        return target if target.is_dir() else None
+    return None
+
+
+def restore_model(ckpt: dict[str, Any]) -> nn.Module:
+    """Rebuild the trained network from a self-describing checkpoint (eval mode, on CPU)."""
+    from cnntrain.models import get_model
+
+    model = get_model(ckpt["arch"], num_classes=len(ckpt["classes"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint weights do not fit {ckpt['arch']}: {first}") from None
+    return model.eval()
+
+
+def resolve_weights(weights: str | Path | None, project: str | Path = "runs") -> tuple[Path, bool]:
+    """``--weights`` or, when omitted, best.pt of the latest run; returns (path, was_default)."""
+    if weights is not None:
+        path = Path(weights)
+        if not path.exists():
+            raise UsageError(f"--weights {path} does not exist")
+        return (path / "best.pt" if path.is_dir() else path), False
+    run = latest_run(project)
+    if run is None or not (run / "best.pt").is_file():
+        raise UsageError(f"no --weights given and no trained run in {project}/; train one with `cnntrain train` "
+                         "or pass --weights CKPT")
+    return run / "best.pt", True

@@ -1,0 +1,193 @@
+"""Training configuration: defaults in code, then a YAML file, then the command line.
+
+One flat dataclass keeps `config.yaml` in every run folder readable and rerunnable with
+``cnntrain train --config runs/exp/config.yaml``; unknown keys are rejected by name so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from cnntrain.errors import UsageError
+
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULES = ("step", "multistep", "cosine", "none")
+AUGMENTATIONS = ("none", "trivialaugment", "randaugment", "erasing")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_path: str | None = None
+    dataset: str | None = None
+    val_split: float = 0.1
+    img_size: int = 224
+    aug: list[str] = field(default_factory=list)
+    workers: int | None = None  # None: min(8, CPU count)
+    # model
+    arch: str = "resnet18"
+    pretrained: bool | None = None  # None: use ImageNet weights where they exist
+    weights: str | None = None
+    freeze_layers: bool = False
+    unfreeze_epoch: int | None = None
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 32
+    opt: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    sched: str = "cosine"
+    step_size: int = 10
+    gamma: float = 0.1
+    milestones: list[int] = field(default_factory=list)
+    lrf: float = 0.01
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    clip_grad: float | None = None
+    patience: int | None = None
+    # hardware and reproducibility
+    device: str = "auto"
+    amp: bool | None = None  # None: on for CUDA
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    # output
+    project: str = "runs"
+    name: str = "exp"
+    exist_ok: bool = False
+    resume: str | None = None
+    quiet: bool = False
+
+    def validate(self) -> "TrainConfig":
+        """Reject values no run could use, before any data is read or model built."""
+        checks = [
+            (self.data_path is not None and self.dataset is not None, "give --data-path or --dataset, not both"),
+            (self.epochs < 1, "--epochs must be at least 1"),
+            (self.batch_size < 1, "--batch-size must be at least 1"),
+            (self.img_size < 16, "--img-size must be at least 16"),
+            (not 0.0 <= self.val_split < 1.0, "--val-split must be in [0, 1)"),
+            (self.lr <= 0, "--lr must be positive"),
+            (self.opt not in OPTIMIZERS, f"--opt must be one of {', '.join(OPTIMIZERS)}"),
+            (self.sched not in SCHEDULES, f"--sched must be one of {', '.join(SCHEDULES)}"),
+            (self.sched == "multistep" and not self.milestones, "--sched multistep needs --milestones, e.g. 10,20"),
+            (self.warmup_epochs < 0 or 0 < self.epochs <= self.warmup_epochs,
+             "--warmup-epochs must be smaller than --epochs"),
+            (not 0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)"),
+            (self.workers is not None and self.workers < 0, "--workers cannot be negative"),
+            (self.unfreeze_epoch is not None and not self.freeze_layers, "--unfreeze-epoch needs --freeze-layers"),
+            (self.unfreeze_epoch is not None and self.unfreeze_epoch < 1, "--unfreeze-epoch counts from 1"),
+            (self.patience is not None and self.patience < 1, "--patience must be at least 1"),
+            (self.weights is not None and self.pretrained is True, "--weights FILE and --pretrained conflict"),
+        ]
+        for bad, message in checks:
+            if bad:
+                raise UsageError(message)
+        unknown = [a for a in self.aug if a not in AUGMENTATIONS]
+        if unknown:
+            raise UsageError(f"unknown --aug {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe; keys may use dashes like the CLI (``batch-size``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must be a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(file_values: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None,
+                 source: str = "config") -> TrainConfig:
+    """Defaults < file values < overrides (only options given on the command line)."""
+    values: dict[str, Any] = {}
+    for layer, where in ((file_values or {}, source), (overrides or {}, "command line")):
+        unknown = sorted(set(layer) - FIELDS)
+        if unknown:
+            raise UsageError(f"unknown option {unknown[0]!r} in {where}; valid keys are listed by `cnntrain train --help`")
+        values.update(layer)
+    for key in ("aug", "milestones"):
+        if isinstance(values.get(key), (str, int)):
+            values[key] = _split_list(values[key], int if key == "milestones" else str)
+    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+
+
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check a value against the field's type (YAML gives ``1e-4`` as a string, ``5`` for 5.0)."""
+    kind = _TYPES[key]
+    optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(f"option {key!r} needs a value")
+    base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
+    origin = typing.get_origin(base)
+    try:
+        if origin is list:
+            (item,) = typing.get_args(base)
+            if not isinstance(value, list):
+                raise ValueError
+            return [_scalar(item, v) for v in value]
+        return _scalar(base, value)
+    except (TypeError, ValueError):
+        raise UsageError(f"option {key!r} has the wrong type: {value!r} ({_TYPE_NAMES.get(base, 'list')} expected)") from None
+
+
+_TYPE_NAMES = {bool: "true/false", int: "whole number", float: "number", str: "text"}
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError
+        return value
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)  # accepts ints and YAML 1.1's string form of 1e-4
+    if kind is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError
+        return str(value)
+    raise TypeError(kind)
+
+
+def _split_list(value: str | int, kind: type) -> list[Any]:
+    if isinstance(value, int):
+        return [value]
+    try:
+        return [kind(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"cannot read {value!r} as a comma-separated list") from None
+
+
+def save_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

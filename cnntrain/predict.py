@@ -1,0 +1,126 @@
+"""Batched inference for ``cnntrain predict``.
+
+Everything comes from the checkpoint (architecture, classes, image size, normalisation),
+so a trained model is one file. Images are decoded in DataLoader workers, every image is
+predicted (no dropped tail batch) and an unreadable one becomes an error row, not a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cnntrain import checkpoint
+from cnntrain.data import Normalize, decode_image, default_workers, eval_transform
+from cnntrain.data.datasets import is_hidden, is_image_file
+from cnntrain.engine import Batcher
+from cnntrain.errors import UsageError
+from cnntrain.trainer import amp_dtype_for, resolve_device
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
+    """Files, folders (recursively) and globs -> ``(path, error)``; unmatched inputs become errors."""
+    found: list[tuple[str, str | None]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(
+                str(Path(dirpath) / f)
+                for dirpath, dirnames, filenames in os.walk(path)
+                for f in filenames
+                if not is_hidden(f) and is_image_file(f) and not any(is_hidden(p) for p in Path(dirpath).relative_to(path).parts)
+            )
+            if not files:
+                found.append((item, "folder contains no images"))
+            found.extend((f, None) for f in files)
+        elif path.is_file():
+            found.append((item, None))
+        else:
+            matches = sorted(m for m in glob.glob(item, recursive=True) if Path(m).is_file() and is_image_file(m))
+            if not matches:
+                found.append((item, "no such file, folder or matching image"))
+            found.extend((m, None) for m in matches)
+    return found
+
+
+class _Images(Dataset):
+    def __init__(self, paths: list[str], img_size: int) -> None:
+        self.paths = paths
+        self.transform = eval_transform(img_size)
+        self.img_size = img_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str | None]:
+        try:
+            return self.transform(decode_image(self.paths[index])), index, None
+        except Exception as exc:  # any unreadable file becomes an error row
+            blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
+            return blank, index, f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _collate(batch: list[tuple[torch.Tensor, int, str | None]]):
+    images = torch.stack([b[0] for b in batch])
+    return images, [b[1] for b in batch], [b[2] for b in batch]
+
+
+@torch.no_grad()
+def predict_files(inputs: list[str], weights: str | Path, *, topk: int = 5, batch_size: int = 32,
+                  device: str = "auto", workers: int | None = None) -> list[dict[str, Any]]:
+    """Top-k predictions per image, in input order; failures carry an ``error`` instead."""
+    if topk < 1:
+        raise UsageError("--topk must be at least 1")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
+    dev = resolve_device(device)
+    model = checkpoint.restore_model(ckpt).to(dev)
+    classes = ckpt["classes"]
+    k = min(topk, len(classes))
+    batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), dev.type == "cuda", amp_dtype_for(dev, None))
+    if batcher.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    expanded = expand_inputs(inputs)
+    rows: list[dict[str, Any]] = [{"path": p, "error": e, "predictions": []} for p, e in expanded]
+    todo = [i for i, (_, e) in enumerate(expanded) if e is None]
+    n_workers = min(default_workers() if workers is None else workers, max(len(todo) // batch_size, 0))
+    loader = DataLoader(_Images([expanded[i][0] for i in todo], ckpt["img_size"]), batch_size=batch_size,
+                        num_workers=n_workers, collate_fn=_collate, pin_memory=dev.type == "cuda")
+    for images, indices, errors in loader:
+        images, _ = batcher(images, torch.zeros(len(indices), dtype=torch.long))
+        with batcher.autocast():
+            probs = model(images).float().softmax(dim=1)
+        top_p, top_i = probs.topk(k, dim=1)
+        for j, (index, error) in enumerate(zip(indices, errors)):
+            row = rows[todo[index]]
+            if error:
+                row["error"] = error
+                continue
+            row["predictions"] = [{"class": classes[c], "prob": round(float(p), 6)}
+                                  for p, c in zip(top_p[j].tolist(), top_i[j].tolist())]
+    return rows
+
+
+def format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
+    """JSON (one object per image) or CSV (one row per image and rank) for scripts."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "rank", "class", "prob", "error"])
+    for r in rows:
+        if r["error"]:
+            writer.writerow([r["path"], "", "", "", r["error"]])
+        for rank, p in enumerate(r["predictions"], start=1):
+            writer.writerow([r["path"], rank, p["class"], f"{p['prob']:.6f}", ""])
+    return buf.getvalue()

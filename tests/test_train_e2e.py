@@ -1,0 +1,168 @@
+"""End to end through the CLI: train on a tiny folder, then predict and eval what it saved."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from cnntrain.cli import app
+from cnntrain.weights import safe_load
+
+TINY = ["--arch", "resnet18", "--no-pretrained", "--img-size", "32", "--batch-size", "8", "--workers", "0",
+        "--device", "cpu", "--val-split", "0.25"]
+RUN_FILES = {"config.yaml", "class_indices.json", "metrics.csv", "best.pt", "last.pt", "learning_curves.png",
+             "confusion_matrix.png", "summary.json"}
+
+
+def train(runner, *args: str) -> object:
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, image_folder):
+    """One 2-epoch run shared by the read-only tests below."""
+    from typer.testing import CliRunner
+
+    project = tmp_path_factory.mktemp("runs")
+    result = train(CliRunner(), "--data-path", str(image_folder), *TINY, "--epochs", "2", "--project", str(project))
+    return project, project / "exp", result
+
+
+def test_run_folder_has_every_file(trained):
+    project, run, result = trained
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    assert (project / "latest").resolve() == run.resolve()
+    assert json.loads((run / "class_indices.json").read_text()) == {"0": "blue", "1": "green", "2": "red"}
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(rows[0]) >= {"train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "seconds", "images_per_s"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["classes"] == ["blue", "green", "red"]
+    assert "epoch[2/2]" in result.output  # plain per-epoch lines off a terminal
+
+
+def test_checkpoint_is_self_describing_and_safe(trained):
+    _, run, _ = trained
+    best = safe_load(run / "best.pt")  # weights_only=True
+    assert best["arch"] == "resnet18" and best["classes"] == ["blue", "green", "red"]
+    assert best["img_size"] == 32 and len(best["mean"]) == 3 and best["config"]["epochs"] == 2
+    assert "optimizer" not in best
+    last = safe_load(run / "last.pt")
+    assert {"optimizer", "scheduler", "rng", "history", "best_metric"} <= set(last)
+
+
+def test_predict_every_image_in_json(trained, runner, image_folder):
+    project, run, _ = trained
+    files = sorted(image_folder.rglob("*.png"))
+    # 36 images with batch 5: the tail batch must not be dropped
+    result = runner.invoke(app, ["predict", str(image_folder), "--weights", str(run / "best.pt"), "--format", "json",
+                                 "--batch-size", "5", "--topk", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == len(files)
+    assert all(len(r["predictions"]) == 2 and r["error"] is None for r in rows)
+    assert abs(sum(p["prob"] for p in rows[0]["predictions"])) <= 1.0001
+
+
+def test_predict_defaults_to_latest_run(trained, runner, image_folder, monkeypatch):
+    project, _, _ = trained
+    monkeypatch.chdir(project.parent)
+    one = next(image_folder.rglob("*.png"))
+    result = runner.invoke(app, ["predict", str(one), "--project", project.name, "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert "latest run" in result.stderr
+    assert result.stdout.splitlines()[0] == "path,rank,class,prob,error"
+
+
+def test_predict_bad_image_gets_error_row_and_exit_1(trained, runner, image_folder, tmp_path):
+    _, run, _ = trained
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    good = next(image_folder.rglob("*.png"))
+    result = runner.invoke(app, ["predict", str(bad), str(good), "--weights", str(run / "best.pt"), "--format", "json"])
+    assert result.exit_code == 1
+    rows = json.loads(result.stdout)
+    assert rows[0]["error"] and not rows[0]["predictions"]
+    assert rows[1]["error"] is None and rows[1]["predictions"]
+
+
+def test_predict_without_runs_is_a_clear_error(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["predict", "x.jpg"])
+    assert result.exit_code == 2
+    assert "no --weights given" in result.stderr
+
+
+def test_eval_json_and_plot(trained, runner, image_folder, tmp_path):
+    _, run, _ = trained
+    plot = tmp_path / "cm.png"
+    result = runner.invoke(app, ["eval", "--weights", str(run / "best.pt"), "--data-path", str(image_folder),
+                                 "--format", "json", "--plot", str(plot), "--workers", "0", "--split", "all"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["images"] == 36 and 0.0 <= report["top1"] <= 1.0 and report["top5"] == 1.0
+    assert [r["class"] for r in report["per_class"]] == ["blue", "green", "red"]
+    assert sum(r["support"] for r in report["per_class"]) == 36
+    assert plot.stat().st_size > 0
+
+
+def test_eval_rejects_other_classes(trained, runner, tmp_path):
+    from conftest import make_image_folder
+
+    _, run, _ = trained
+    other = make_image_folder(tmp_path / "other", per_class=3, classes=("blue", "green", "yellow"))
+    result = runner.invoke(app, ["eval", "--weights", str(run / "best.pt"), "--data-path", str(other), "--workers", "0"])
+    assert result.exit_code == 1
+    assert "yellow" in result.stderr and "red" in result.stderr
+
+
+def test_learns_well_above_chance(runner, tmp_path):
+    """Colour-coded classes: a working pipeline gets near 100 %, chance is 33 %."""
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", per_class=30)
+    train(runner, "--data-path", str(data), *TINY, "--epochs", "8", "--opt", "adamw", "--lr", "0.003",
+          "--project", str(tmp_path / "runs"))
+    summary = json.loads((tmp_path / "runs" / "exp" / "summary.json").read_text())
+    assert summary["best_val_acc"] >= 0.8, summary
+
+
+def test_freeze_layers_trains_only_the_head(runner, image_folder, tmp_path):
+    from cnntrain.models import get_model
+
+    train(runner, "--data-path", str(image_folder), *TINY, "--epochs", "1", "--freeze-layers", "--seed", "3",
+          "--project", str(tmp_path))
+    torch.manual_seed(3)
+    initial = get_model("resnet18", num_classes=3).state_dict()  # same seed, same init as the run
+    final = safe_load(tmp_path / "exp" / "last.pt")["model"]
+    changed = {k for k in initial if not torch.equal(initial[k], final[k])}
+    assert changed == {"fc.weight", "fc.bias"}  # BN running stats and every backbone weight untouched
+
+
+def test_resume_equals_uninterrupted_run(runner, image_folder, tmp_path):
+    common = ["--data-path", str(image_folder), *TINY, "--deterministic", "--sched", "step", "--step-size", "2",
+              "--aug", "trivialaugment"]
+    train(runner, *common, "--epochs", "4", "--project", str(tmp_path / "a"))
+    train(runner, *common, "--epochs", "2", "--project", str(tmp_path / "b"))
+    train(runner, "--resume", str(tmp_path / "b" / "exp"), "--epochs", "4")
+    a = safe_load(tmp_path / "a" / "exp" / "last.pt")
+    b = safe_load(tmp_path / "b" / "exp" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 4
+    for key, value in a["model"].items():
+        torch.testing.assert_close(value, b["model"][key], rtol=0, atol=1e-6, msg=key)
+    rows_a = (tmp_path / "a" / "exp" / "metrics.csv").read_text().splitlines()
+    rows_b = (tmp_path / "b" / "exp" / "metrics.csv").read_text().splitlines()
+    strip = lambda rows: [",".join(r.split(",")[:7]) for r in rows]  # noqa: E731 - drop timing columns
+    assert strip(rows_a) == strip(rows_b)
+
+
+def test_run_names_auto_increment(runner, image_folder, tmp_path):
+    for _ in range(2):
+        train(runner, "--data-path", str(image_folder), *TINY, "--epochs", "1", "--project", str(tmp_path), "--quiet")
+    assert (tmp_path / "exp").is_dir() and (tmp_path / "exp2").is_dir()
+    assert (tmp_path / "latest").resolve() == (tmp_path / "exp2").resolve()
