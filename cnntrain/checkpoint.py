@@ -9,6 +9,7 @@ crash never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,23 +149,38 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], head: st
 # ---------------------------------------------------------------------------- run folders
 
 
-def new_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path:
-    """``project/name``, or ``name2``, ``name3``... when taken; fails early if unwritable."""
+def check_project(project: str | Path) -> Path:
+    """Fail early, before data or models are touched, if runs cannot be written to ``project``."""
     project = Path(project)
     if project.exists() and not project.is_dir():
         raise UsageError(f"--project {project} is a file; give a folder for runs")
+    target = project if project.exists() else project.parent
+    if not target.is_dir():
+        raise UsageError(f"--project {project}: the parent folder {target} does not exist; "
+                         "create it first or choose another --project")
     try:
-        project.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".cnntrain-write-test-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
-        raise UsageError(f"cannot create --project folder {project}: {exc.strerror or exc}") from None
-    if not os.access(project, os.W_OK):
-        raise UsageError(f"--project folder {project} is not writable; choose another with --project")
-    run = project / name
-    index = 2
-    while run.exists() and not exist_ok:
-        run = project / f"{name}{index}"
-        index += 1
-    run.mkdir(parents=True, exist_ok=True)
+        raise UsageError(f"--project {project}: cannot write in {target} ({exc.strerror or exc}); "
+                         "choose a writable folder with --project") from None
+    return project
+
+
+def new_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path:
+    """``project/name``, or ``name2``, ``name3``... when taken."""
+    project = check_project(project)
+    try:
+        project.mkdir(exist_ok=True)
+        run = project / name
+        index = 2
+        while run.exists() and not exist_ok:
+            run = project / f"{name}{index}"
+            index += 1
+        run.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create a run folder in {project}: {exc.strerror or exc}") from None
     return run
 
 

@@ -7,11 +7,12 @@ eval and predict share one preprocessing definition (see ``Batcher``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -49,6 +50,38 @@ class Batcher:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
+@dataclass
+class EpochTotals:
+    """Running sums of one training epoch; saved in last.pt when a run stops mid-epoch."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    steps: int = 0  # optimiser steps taken
+    batches: int = 0  # batches drawn from the loader (a batch of only unreadable images takes no step)
+    seconds: float = 0.0
+    skipped: list[str] = field(default_factory=list)  # unreadable images met on the way
+    interrupted: bool = False
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "loss": self.loss_sum / self.seen if self.seen else math.nan,
+            "acc": self.correct / self.seen if self.seen else math.nan,
+            "images": self.seen,
+            "seconds": self.seconds,
+            "images_per_s": self.seen / self.seconds if self.seconds > 0 else 0.0,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "interrupted"}
+
+
+def unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Loader batches are ``(images, targets)`` or ``(images, targets, skipped_paths)``."""
+    images, targets, *rest = batch
+    return images, targets, list(rest[0]) if rest else []
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -61,20 +94,33 @@ def train_one_epoch(
     clip_grad: float | None = None,
     prepare_model: Callable[[nn.Module], None] | None = None,
     on_step: StepCallback | None = None,
-) -> dict[str, float]:
-    """Train for one pass over ``loader``; returns loss, acc, images/s and seconds."""
+    totals: EpochTotals | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> EpochTotals:
+    """Train for one pass over ``loader`` (continuing ``totals`` when resuming mid-epoch).
+
+    Stops cleanly after the current step when ``should_stop()`` turns true (Ctrl-C), with
+    ``interrupted`` set, so the caller can save a checkpoint that resumes exactly here.
+    """
     model.train()
     if prepare_model is not None:
         prepare_model(model)  # e.g. keep frozen BatchNorm in eval mode
-    loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
-    for step, (images, targets) in enumerate(loader, start=1):
+    totals = totals or EpochTotals()
+    start, before = time.perf_counter(), totals.seconds
+    for batch in loader:
+        images, targets, skipped = unpack(batch)
+        totals.skipped.extend(skipped)
+        totals.batches += 1
+        if targets.numel() == 0:
+            continue
+        totals.steps += 1
         images, targets = batcher(images, targets)
         with batcher.autocast():
             logits = model(images)
             loss = criterion(logits, targets)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"loss became {loss.item()} at epoch {epoch}, step {step}: training diverged; "
+                f"loss became {loss.item()} at epoch {epoch}, step {totals.steps}: training diverged; "
                 "try a lower --lr (or --clip-grad)"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -91,21 +137,19 @@ def train_one_epoch(
                 nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
             optimizer.step()
         n = targets.size(0)
-        loss_sum += loss.item() * n
-        correct += int((logits.argmax(1) == targets).sum())
-        seen += n
+        totals.loss_sum += loss.item() * n
+        totals.correct += int((logits.argmax(1) == targets).sum())
+        totals.seen += n
+        totals.seconds = before + time.perf_counter() - start
         if on_step is not None:
-            elapsed = time.perf_counter() - start
-            on_step({"loss": loss_sum / seen, "acc": correct / seen, "n": n,
-                     "images_per_s": seen / max(elapsed, 1e-9), "lr": optimizer.param_groups[0]["lr"]})
-    seconds = time.perf_counter() - start
-    return {
-        "loss": loss_sum / seen if seen else math.nan,
-        "acc": correct / seen if seen else math.nan,
-        "images": seen,
-        "seconds": seconds,
-        "images_per_s": seen / seconds if seconds > 0 else 0.0,
-    }
+            on_step({"loss": totals.loss_sum / totals.seen, "acc": totals.correct / totals.seen, "n": n,
+                     "images_per_s": totals.seen / max(totals.seconds, 1e-9),
+                     "lr": optimizer.param_groups[0]["lr"]})
+        if should_stop is not None and should_stop():
+            totals.interrupted = True
+            break
+    totals.seconds = before + time.perf_counter() - start
+    return totals
 
 
 @torch.no_grad()
@@ -122,7 +166,10 @@ def evaluate(
     model.eval()
     matrix = ConfusionMatrix(num_classes)
     loss_sum, top1, top5, seen, start = 0.0, 0, 0, 0, time.perf_counter()
-    for images, targets in loader:
+    for batch in loader:
+        images, targets, _ = unpack(batch)
+        if targets.numel() == 0:
+            continue
         images, targets = batcher(images, targets)
         with batcher.autocast():
             logits = model(images)

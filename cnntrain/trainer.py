@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cnntrain import checkpoint
+from cnntrain import checkpoint, fileio
 from cnntrain.config import TrainConfig, save_yaml
 from cnntrain.data import (
     IMAGENET_MEAN,
@@ -39,13 +40,13 @@ from cnntrain.data import (
     train_transform,
 )
 from cnntrain.data.sampler import EpochSampler, SeededDataset
-from cnntrain.engine import Batcher, evaluate, train_one_epoch
-from cnntrain.errors import CheckpointError, DataError, UsageError
-from cnntrain.fileio import atomic_write_text
+from cnntrain.engine import Batcher, EpochTotals, evaluate, train_one_epoch
+from cnntrain.errors import CheckpointError, CnnTrainError, DataError, UsageError
 from cnntrain.models import build_model, find_head, freeze_backbone, get_spec
 from cnntrain.models.heads import keep_frozen_bn_eval, unfreeze
 from cnntrain.optim import build_optimizer, build_scheduler
 from cnntrain.progress import Reporter, format_epoch
+from cnntrain.signals import Interrupted, StopRequest
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "seconds", "images_per_s"]
 
@@ -166,20 +167,42 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
-    atomic_write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------ fit
 
 
 def fit(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
-    """Train ``cfg.arch`` as configured; returns where the run was written and how it went."""
+    """Train ``cfg.arch`` as configured; returns where the run was written and how it went.
+
+    Expected failures mid-run (out of memory, a dead loader worker, a full disk) become
+    ``CnnTrainError``s; the checkpoints already on disk are never the casualty.
+    """
     reporter = reporter or Reporter(quiet=cfg.quiet)
+    try:
+        with StopRequest() as stop:
+            return _fit(cfg, reporter, stop)
+    except torch.OutOfMemoryError:
+        half = max(cfg.batch_size // 2, 1)
+        raise CnnTrainError(f"out of memory on {cfg.device} at --batch-size {cfg.batch_size}; "
+                            f"try --batch-size {half} (or a smaller --img-size)") from None
+    except RuntimeError as exc:
+        if "DataLoader worker" in str(exc):
+            first = str(exc).strip().splitlines()[0]
+            raise DataError(f"a data loading worker died ({first}); rerun with --workers 0 to see the "
+                            "underlying error") from None
+        raise
+
+
+def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest) -> TrainResult:
     started = time.perf_counter()
     resume_path = resolve_resume(cfg.resume, cfg.project) if cfg.resume else None
     resumed = checkpoint.load(resume_path) if resume_path else None
     if resumed is not None and "optimizer" not in resumed:
         raise CheckpointError(f"{resume_path} holds no training state; resume from a run's last.pt")
+    if resume_path is None:
+        checkpoint.check_project(cfg.project)  # an unusable output folder fails before any work
 
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -190,10 +213,6 @@ def fit(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     if resumed is not None and resumed["classes"] != classes:
         raise UsageError(f"{resume_path} was trained on classes {resumed['classes']}, the data has {classes}")
     reporter.info(splits.summary())
-
-    # Output folder first: an unwritable --project fails before any training.
-    run_dir = resume_path.parent if resume_path else checkpoint.new_run_dir(cfg.project, cfg.name, cfg.exist_ok)
-    reporter.info(f"run folder: {run_dir}")
 
     spec = get_spec(cfg.arch)
     pretrained = cfg.pretrained
@@ -210,7 +229,15 @@ def fit(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         model.load_state_dict(resumed["model"])
     mean, std = normalisation(cfg.arch)
 
+    if resume_path is not None:
+        run_dir = resume_path.parent
+        fileio.clean_stale_temps(run_dir, older_than=0)  # leftovers of a killed run
+    else:
+        run_dir = checkpoint.new_run_dir(cfg.project, cfg.name, cfg.exist_ok)
+    reporter.info(f"run folder: {run_dir}")
+
     start_epoch = resumed["epoch"] if resumed is not None else 0  # epochs completed
+    partial = resumed.get("partial_epoch") if resumed is not None else None  # stopped mid-epoch
     frozen = cfg.freeze_layers and (cfg.unfreeze_epoch is None or start_epoch + 1 < cfg.unfreeze_epoch)
     if frozen:
         freeze_backbone(model, head)
@@ -236,7 +263,8 @@ def fit(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         best_metric, best_epoch = resumed["best_metric"], resumed["best_epoch"]
         history = list(resumed["history"])
         set_rng_state(resumed["rng"])
-        reporter.info(f"resuming {resume_path} after epoch {start_epoch} of {cfg.epochs}")
+        where = f"epoch {start_epoch + 1}, step {partial['steps']}" if partial else f"the end of epoch {start_epoch}"
+        reporter.info(f"resuming {resume_path} from {where} of {cfg.epochs}")
 
     workers = default_workers() if cfg.workers is None else cfg.workers
     deterministic_train = "none" in cfg.aug
@@ -254,9 +282,14 @@ def fit(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                                  shuffle=False, workers=workers, device=device, seed=cfg.seed)
     batcher = Batcher(device, Normalize(mean, std).to(device), channels_last, amp_dtype)
 
-    atomic_write_text(run_dir / "config.yaml", save_yaml(cfg))
-    atomic_write_text(run_dir / "class_indices.json", json.dumps({str(i): c for i, c in enumerate(classes)}, indent=2))
+    write_text(run_dir / "config.yaml", save_yaml(cfg))
+    write_text(run_dir / "class_indices.json", json.dumps({str(i): c for i, c in enumerate(classes)}, indent=2))
     describe = dict(arch=cfg.arch, classes=classes, img_size=cfg.img_size, mean=mean, std=std, config=cfg.to_dict())
+
+    def training_state(**extra: Any) -> dict[str, Any]:
+        return dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict() if scaler is not None else None, best_metric=best_metric,
+                    best_epoch=best_epoch, history=history, rng=rng_state(), **extra)
 
     stopped_early = False
     for epoch in range(start_epoch, cfg.epochs):
@@ -265,14 +298,25 @@ def fit(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
             unfreeze(model)
             frozen = False
             reporter.info(f"epoch {shown}: unfreezing all layers")
-        sampler.set_epoch(epoch)
+        totals = EpochTotals(**partial) if partial else EpochTotals()
+        partial = None
+        sampler.set_epoch(epoch, skip=totals.batches * cfg.batch_size)
         lr = optimizer.param_groups[0]["lr"]
         with reporter.bar(f"train epoch[{shown}/{cfg.epochs}]", len(splits.train)) as on_step:
-            train = train_one_epoch(
+            totals = train_one_epoch(
                 train_model, train_loader, optimizer, criterion, batcher, epoch=shown, scaler=scaler,
                 clip_grad=cfg.clip_grad, prepare_model=(lambda m: keep_frozen_bn_eval(m, head)) if frozen else None,
-                on_step=on_step,
+                on_step=on_step, totals=totals, should_stop=lambda: bool(stop),
             )
+        if totals.interrupted:
+            checkpoint.save(run_dir / "last.pt", checkpoint.make_checkpoint(
+                model, epoch=epoch, metrics={}, **describe, **training_state(partial_epoch=totals.state())))
+            raise Interrupted(f"stopped during epoch {shown} after step {totals.steps}; saved {run_dir / 'last.pt'}. "
+                              f"Resume with: cnntrain train --resume {run_dir}", stop.signum or signal.SIGINT)
+        if totals.skipped:
+            reporter.always(f"warning: epoch {shown} skipped {len(totals.skipped)} unreadable image(s): "
+                            + ", ".join(totals.skipped[:5]) + (" ..." if len(totals.skipped) > 5 else ""))
+        train = totals.summary()
         val: dict[str, Any] = {}
         if val_loader is not None:
             with reporter.bar(f"valid epoch[{shown}/{cfg.epochs}]", len(splits.val)) as on_step:
@@ -293,12 +337,11 @@ def fit(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         if improved:
             checkpoint.save(run_dir / "best.pt", checkpoint.make_checkpoint(model, epoch=shown, metrics=metrics, **describe))
         checkpoint.save(run_dir / "last.pt", checkpoint.make_checkpoint(
-            model, epoch=shown, metrics=metrics, **describe,
-            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else None,
-            best_metric=best_metric, best_epoch=best_epoch, history=history, rng=rng_state(),
-        ))
+            model, epoch=shown, metrics=metrics, **describe, **training_state()))
         reporter.info(format_epoch(shown, cfg.epochs, row))
+        if stop:
+            raise Interrupted(f"stopped after epoch {shown}; saved {run_dir / 'last.pt'}. "
+                              f"Resume with: cnntrain train --resume {run_dir}", stop.signum or signal.SIGINT)
         if cfg.patience and shown - best_epoch >= cfg.patience and shown < cfg.epochs:
             reporter.info(f"early stop: {monitor} has not improved for {cfg.patience} epochs (best {best_metric:.4f} at epoch {best_epoch})")
             stopped_early = True
@@ -310,6 +353,14 @@ def fit(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                          stopped_early=stopped_early, history=history)
     _finish(result, model, val_loader, criterion, batcher, classes, splits, cfg)
     return result
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic write whose failure (disk full, I/O error) is a one-line error, not a traceback."""
+    try:
+        fileio.atomic_write_text(path, text)
+    except OSError as exc:
+        raise CheckpointError(f"could not write {path}: {exc.strerror or exc}; the previous file is unchanged") from None
 
 
 def _finish(result: TrainResult, model: nn.Module, val_loader, criterion, batcher: Batcher,
@@ -339,6 +390,6 @@ def _finish(result: TrainResult, model: nn.Module, val_loader, criterion, batche
         "stopped_early": result.stopped_early,
         "seconds": round(result.seconds, 2),
         "run_dir": str(run_dir),
-        "files": sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")),
+        "files": sorted({p.name for p in run_dir.iterdir() if not p.name.startswith(".")} | {"summary.json"}),
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2))

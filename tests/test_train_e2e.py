@@ -166,3 +166,52 @@ def test_run_names_auto_increment(runner, image_folder, tmp_path):
         train(runner, "--data-path", str(image_folder), *TINY, "--epochs", "1", "--project", str(tmp_path), "--quiet")
     assert (tmp_path / "exp").is_dir() and (tmp_path / "exp2").is_dir()
     assert (tmp_path / "latest").resolve() == (tmp_path / "exp2").resolve()
+
+
+def test_weights_from_checkpoint_with_other_classes(trained, runner, tmp_path):
+    """--weights from a 3-class run into a 2-class folder: the head is reported and starts fresh."""
+    from conftest import make_image_folder
+
+    _, run, _ = trained
+    data = make_image_folder(tmp_path / "two", per_class=6, classes=("blue", "red"))
+    result = train(runner, "--data-path", str(data), *TINY, "--epochs", "1", "--weights", str(run / "best.pt"),
+                   "--project", str(tmp_path / "runs"))
+    assert "head fc.weight, fc.bias has another class count" in result.output
+    backbone = safe_load(run / "best.pt")["model"]["layer1.0.conv1.weight"]
+    tuned = safe_load(tmp_path / "runs" / "exp" / "last.pt")["model"]["layer1.0.conv1.weight"]
+    assert backbone.shape == tuned.shape and not torch.equal(backbone, tuned)  # loaded, then trained
+
+
+def test_weights_of_another_architecture_lists_keys(trained, runner, image_folder, tmp_path):
+    _, run, _ = trained
+    result = runner.invoke(app, ["train", "--data-path", str(image_folder), *TINY[2:], "--arch", "resnet34",
+                                 "--no-pretrained", "--epochs", "1", "--weights", str(run / "best.pt"),
+                                 "--project", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "does not fit this architecture" in result.stderr and "missing: layer1.2" in result.stderr
+
+
+def test_unfreeze_epoch_trains_backbone_from_then_on(runner, image_folder, tmp_path):
+    train(runner, "--data-path", str(image_folder), *TINY, "--epochs", "2", "--freeze-layers", "--unfreeze-epoch",
+          "2", "--project", str(tmp_path), "--seed", "5")
+    torch.manual_seed(5)
+    from cnntrain.models import get_model
+
+    initial = get_model("resnet18", num_classes=3).state_dict()
+    final = safe_load(tmp_path / "exp" / "last.pt")["model"]
+    assert not torch.equal(initial["layer1.0.conv1.weight"], final["layer1.0.conv1.weight"])
+
+
+def test_patience_stops_early(runner, image_folder, tmp_path):
+    # with a learning rate this small only BatchNorm statistics move: accuracy soon stops improving
+    result = train(runner, "--data-path", str(image_folder), *TINY, "--epochs", "8", "--lr", "1e-12",
+                   "--patience", "2", "--project", str(tmp_path))
+    summary = json.loads((tmp_path / "exp" / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["epochs_run"] == summary["best_epoch"] + 2 < 8
+    assert "early stop" in result.output
+
+
+def test_quiet_prints_only_the_summary(runner, image_folder, tmp_path):
+    result = train(runner, "--data-path", str(image_folder), *TINY, "--epochs", "1", "--quiet",
+                   "--project", str(tmp_path))
+    assert "epoch[" not in result.output and "run folder" in result.output and "best epoch" in result.output

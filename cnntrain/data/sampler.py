@@ -19,19 +19,22 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """``skip`` the first samples of this epoch's order (resuming a run stopped mid-epoch)."""
         self.epoch = epoch
+        self.skip = skip
 
     def __len__(self) -> int:
-        return self.size
+        return self.size - self.skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=gen) if self.shuffle else torch.arange(self.size)
         # One 63-bit seed per sample, drawn from the same epoch generator.
         seeds = torch.randint(0, 2**62, (self.size,), generator=gen)
-        return iter(zip(seeds.tolist(), order.tolist()))
+        return iter(list(zip(seeds.tolist(), order.tolist()))[self.skip:])
 
 
 class SeededDataset(Dataset):

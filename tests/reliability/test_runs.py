@@ -1,0 +1,354 @@
+"""Reliability of runs and checkpoints (issue cases 1-8, 16-19): nothing already written is lost.
+
+Each test names its case number. Subprocess tests start real `python -m cnntrain` processes so
+that signals and SIGKILL hit a real run, not a simulation.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnntrain import checkpoint, fileio
+from cnntrain.cli import app
+from cnntrain.weights import safe_load
+
+TINY = ["--arch", "resnet18", "--no-pretrained", "--img-size", "32", "--batch-size", "8", "--workers", "0",
+        "--device", "cpu", "--val-split", "0.25"]
+
+
+def run_cli(runner, *args: str):
+    return runner.invoke(app, list(args))
+
+
+def start_process(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cnntrain", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+def epochs_logged(run: Path) -> int:
+    metrics = run / "metrics.csv"
+    return max(len(metrics.read_text().splitlines()) - 1, 0) if metrics.exists() else 0
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = safe_load(a)["model"], safe_load(b)["model"]
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
+
+
+# --- 1. atomic writes ---------------------------------------------------------------------
+
+
+def test_case01_crash_mid_write_keeps_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    checkpoint.save(target, {"model": {"w": torch.ones(3)}})
+    before = target.read_bytes()
+
+    def crash(obj, fh, *a, **k):
+        fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process dies in the middle of writing
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(target, {"model": {"w": torch.zeros(3)}})
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no partial file under any name
+
+
+@pytest.mark.timeout(120)
+def test_case01_sigkill_while_saving_leaves_loadable_file(tmp_path):
+    """A writer saving checkpoints in a loop is SIGKILLed at several moments: last.pt always loads."""
+    script = (
+        "import sys, torch\nfrom cnntrain import checkpoint\n"
+        "i = 0\n"
+        "while True:\n"
+        "    checkpoint.save(sys.argv[1], {'model': {'w': torch.full((400_000,), float(i))}, 'i': i})\n"
+        "    i += 1\n"
+        "    print(i, flush=True)\n"
+    )
+    target = tmp_path / "last.pt"
+    for delay in (0.3, 0.45, 0.6, 0.75):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one complete save
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        data = safe_load(target)
+        assert float(data["model"]["w"][0]) == data["i"]
+        finals = [p for p in tmp_path.iterdir() if not fileio.is_temp_name(p.name)]
+        assert finals == [target]
+    fileio.clean_stale_temps(tmp_path, older_than=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_case01_stale_temp_files_cleaned_on_resume(runner, image_folder, tmp_path):
+    assert run_cli(runner, "train", "--data-path", str(image_folder), *TINY, "--epochs", "1",
+                   "--project", str(tmp_path)).exit_code == 0
+    run = tmp_path / "exp"
+    stale = run / fileio.temp_name(run / "last.pt")
+    Path(stale).write_bytes(b"left by a killed run")
+    result = run_cli(runner, "train", "--resume", str(run), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert not Path(stale).exists()
+
+
+# --- 2. disk full -------------------------------------------------------------------------
+
+
+def test_case02_disk_full_while_saving(runner, image_folder, tmp_path, monkeypatch):
+    real_save = torch.save
+    state = {"calls": 0, "before": None}
+
+    def save(obj, fh, *a, **k):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            state["before"] = (tmp_path / "exp" / "last.pt").read_bytes()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, fh, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    result = run_cli(runner, "train", "--data-path", str(image_folder), *TINY, "--epochs", "3",
+                     "--project", str(tmp_path))
+    assert result.exit_code == 1
+    assert "No space left on device" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "exp" / "last.pt").read_bytes() == state["before"]
+    assert safe_load(tmp_path / "exp" / "last.pt")["epoch"] == 1
+
+
+# --- 3. SIGINT / SIGTERM ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_case03_signal_saves_and_exits(image_folder, tmp_path, sig, code):
+    proc = start_process("train", "--data-path", str(image_folder), *TINY, "--epochs", "200",
+                         "--project", str(tmp_path), cwd=tmp_path)
+    run = tmp_path / "exp"
+    wait_for(lambda: epochs_logged(run) >= 1, proc)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == code, out
+    assert f"cnntrain train --resume {run}" in out
+    last = safe_load(run / "last.pt")
+    assert "optimizer" in last and last["epoch"] >= 1
+
+
+# --- 4. kill -9, then resume --------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_case04_kill9_then_resume_equals_uninterrupted(runner, image_folder, tmp_path):
+    common = ["--data-path", str(image_folder), *TINY, "--deterministic", "--epochs", "5", "--aug", "trivialaugment"]
+    assert run_cli(runner, "train", *common, "--project", str(tmp_path / "ref")).exit_code == 0
+    proc = start_process("train", *common, "--project", str(tmp_path / "killed"), cwd=tmp_path)
+    run = tmp_path / "killed" / "exp"
+    wait_for(lambda: epochs_logged(run) >= 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert safe_load(run / "last.pt")["epoch"] < 5  # killed before the end
+    result = run_cli(runner, "train", "--resume", str(run))
+    assert result.exit_code == 0, result.output
+    assert_same_weights(tmp_path / "ref" / "exp" / "last.pt", run / "last.pt")
+
+
+@pytest.mark.timeout(300)
+def test_case03_04_sigint_mid_epoch_resumes_exactly(runner, image_folder, tmp_path):
+    """SIGINT saves mid-epoch state; the resumed run ends where an uninterrupted one does."""
+    common = ["--data-path", str(image_folder), *TINY, "--batch-size", "2", "--deterministic", "--epochs", "3"]
+    assert run_cli(runner, "train", *common, "--project", str(tmp_path / "ref")).exit_code == 0
+    proc = start_process("train", *common, "--project", str(tmp_path / "int"), cwd=tmp_path)
+    run = tmp_path / "int" / "exp"
+    wait_for(lambda: epochs_logged(run) >= 1, proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode in (130, 0), out
+    if proc.returncode == 130:
+        result = run_cli(runner, "train", "--resume", str(run))
+        assert result.exit_code == 0, result.output
+    assert_same_weights(tmp_path / "ref" / "exp" / "last.pt", run / "last.pt")
+
+
+# --- 5, 6. damaged and hostile checkpoints -------------------------------------------------
+
+
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _bad_files(tmp_path: Path, good: Path) -> dict[str, Path]:
+    zero = tmp_path / "zero.pt"
+    zero.write_bytes(b"")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload(tmp_path / "PWNED")}, evil)  # a checkpoint whose unpickling runs a command
+    return {"zero": zero, "truncated": truncated, "evil": evil}
+
+
+@pytest.fixture(scope="module")
+def good_ckpt(tmp_path_factory, image_folder):
+    from typer.testing import CliRunner
+
+    project = tmp_path_factory.mktemp("good")
+    assert CliRunner().invoke(app, ["train", "--data-path", str(image_folder), *TINY, "--epochs", "1",
+                                    "--project", str(project)]).exit_code == 0
+    return project / "exp" / "last.pt"
+
+
+@pytest.mark.parametrize("kind", ["zero", "truncated", "evil"])
+@pytest.mark.parametrize("command", ["resume", "weights", "predict", "eval"])
+def test_case05_06_damaged_or_hostile_checkpoint(runner, image_folder, tmp_path, good_ckpt, kind, command):
+    bad = _bad_files(tmp_path, good_ckpt)[kind]
+    one = str(next(image_folder.rglob("*.png")))
+    argv = {
+        "resume": ["train", "--resume", str(bad)],
+        "weights": ["train", "--data-path", str(image_folder), *TINY, "--epochs", "1", "--weights", str(bad),
+                    "--project", str(tmp_path / "runs")],
+        "predict": ["predict", one, "--weights", str(bad)],
+        "eval": ["eval", "--weights", str(bad), "--data-path", str(image_folder)],
+    }[command]
+    result = run_cli(runner, *argv)
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and str(bad) in line and "Traceback" not in result.output
+    assert ("refused" in line) if kind == "evil" else ("damaged" in line)
+    assert not (tmp_path / "PWNED").exists()  # the payload never ran
+
+
+# --- 7. another architecture or class count -----------------------------------------------
+
+
+def test_case07_weights_of_another_architecture(runner, image_folder, tmp_path, good_ckpt):
+    result = run_cli(runner, "train", "--data-path", str(image_folder), *TINY[2:], "--arch", "resnet34",
+                     "--no-pretrained", "--epochs", "1", "--weights", str(good_ckpt), "--project", str(tmp_path))
+    assert result.exit_code == 1
+    assert "missing: layer1.2" in result.stderr and "does not fit" in result.stderr
+
+
+def test_case07_other_class_count_only_head_tolerated(runner, tmp_path, good_ckpt):
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "five", per_class=4, classes=("a", "b", "c", "d", "e"))
+    result = run_cli(runner, "train", "--data-path", str(data), *TINY, "--epochs", "1", "--weights",
+                     str(good_ckpt), "--project", str(tmp_path / "runs"))
+    assert result.exit_code == 0, result.output
+    assert "head fc.weight, fc.bias has another class count" in result.output
+
+
+# --- 8. unusable output folder ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["missing_parent", "file", "read_only"])
+def test_case08_bad_output_folder_fails_before_training(runner, tmp_path, where):
+    if where == "missing_parent":
+        project = tmp_path / "no" / "such" / "runs"
+    elif where == "file":
+        project = tmp_path / "afile"
+        project.write_text("x")
+    else:
+        project = Path("/proc/cnntrain-runs")  # a read-only file system
+    # the data path does not exist either: the output check must come first
+    result = run_cli(runner, "train", "--data-path", str(tmp_path / "nodata"), *TINY, "--project", str(project))
+    assert result.exit_code == 2, result.output
+    assert "--project" in result.stderr and "nodata" not in result.stderr
+
+
+# --- 16-19. training health ----------------------------------------------------------------
+
+
+def test_case16_nan_loss_stops_without_overwriting_checkpoints(runner, image_folder, tmp_path, monkeypatch):
+    import cnntrain.trainer as trainer
+
+    class NaNAfterFirstEpoch(torch.nn.CrossEntropyLoss):
+        calls = 0
+
+        def forward(self, logits, target):
+            loss = super().forward(logits, target)
+            if self.training and trainer_epoch["n"] >= 2:
+                return loss * float("nan")
+            return loss
+
+    trainer_epoch = {"n": 0}
+    real_train = trainer.train_one_epoch
+
+    def counting_train(*a, **k):
+        trainer_epoch["n"] += 1
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(trainer.nn, "CrossEntropyLoss", NaNAfterFirstEpoch)
+    monkeypatch.setattr(trainer, "train_one_epoch", counting_train)
+    result = run_cli(runner, "train", "--data-path", str(image_folder), *TINY, "--epochs", "3",
+                     "--project", str(tmp_path))
+    assert result.exit_code == 1
+    assert "epoch 2, step 1" in result.stderr and "lower --lr" in result.stderr
+    for name in ("best.pt", "last.pt"):
+        ckpt = safe_load(tmp_path / "exp" / name)
+        assert ckpt["epoch"] == 1
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.timeout(120)
+def test_case17_dead_worker_surfaces_quickly(runner, image_folder, tmp_path, monkeypatch):
+    from cnntrain.data import ImageDataset
+
+    real = ImageDataset.__getitem__
+
+    def die_in_worker(self, index):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, index)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", die_in_worker)
+    started = time.monotonic()
+    result = run_cli(runner, "train", "--data-path", str(image_folder), *TINY[:-4], "--workers", "2",
+                     "--device", "cpu", "--epochs", "1", "--project", str(tmp_path))
+    assert result.exit_code == 1
+    assert "worker" in result.stderr and "--workers 0" in result.stderr
+    assert time.monotonic() - started < 90
+
+
+def test_case18_out_of_memory_suggests_smaller_batch(runner, image_folder, tmp_path, monkeypatch):
+    import cnntrain.trainer as trainer
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "train_one_epoch", oom)
+    result = run_cli(runner, "train", "--data-path", str(image_folder), *TINY, "--epochs", "1",
+                     "--project", str(tmp_path))
+    assert result.exit_code == 1
+    assert "out of memory" in result.stderr and "--batch-size 4" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_case19_same_seed_same_weights(runner, image_folder, tmp_path):
+    for name in ("a", "b"):
+        assert run_cli(runner, "train", "--data-path", str(image_folder), *TINY, "--epochs", "2", "--deterministic",
+                       "--seed", "7", "--aug", "randaugment", "--project", str(tmp_path / name)).exit_code == 0
+    assert_same_weights(tmp_path / "a" / "exp" / "last.pt", tmp_path / "b" / "exp" / "last.pt")
