@@ -111,6 +111,7 @@ def train(
     img_size: Annotated[Optional[int], Opt(help="Training crop size [default: 224].", rich_help_panel="Data")] = None,
     aug: Annotated[Optional[str], Opt(help="Extra augmentation, comma-separated: trivialaugment, randaugment, erasing; 'none' = deterministic.", rich_help_panel="Data")] = None,
     workers: Annotated[Optional[int], Opt(help="DataLoader worker processes [default: min(8, CPUs)].", rich_help_panel="Data")] = None,
+    strict: Annotated[Optional[bool], Opt("--strict/--no-strict", help="Any unreadable image is an error (default: skip them with a warning).", rich_help_panel="Data")] = None,
     arch: Annotated[Optional[str], Opt(help="Architecture name (see `cnntrain models`) [default: resnet18].", rich_help_panel="Model")] = None,
     pretrained: Annotated[Optional[bool], Opt("--pretrained/--no-pretrained", help="Start from ImageNet weights [default: on where they exist].", rich_help_panel="Model")] = None,
     weights: Annotated[Optional[Path], Opt(help="Start from a cnntrain checkpoint or a plain state dict.", rich_help_panel="Model")] = None,

@@ -32,6 +32,7 @@ class TrainConfig:
     img_size: int = 224
     aug: list[str] = field(default_factory=list)
     workers: int | None = None  # None: min(8, CPU count)
+    strict: bool = False  # unreadable images are an error instead of being skipped
     # model
     arch: str = "resnet18"
     pretrained: bool | None = None  # None: use ImageNet weights where they exist

@@ -14,7 +14,15 @@ from rich.console import Console
 from rich.table import Table
 
 from cnntrain import checkpoint
-from cnntrain.data import ImageDataset, Normalize, default_workers, eval_transform, load_builtin, load_folder
+from cnntrain.data import (
+    ImageDataset,
+    Normalize,
+    default_workers,
+    eval_transform,
+    load_builtin,
+    load_folder,
+    scan_samples,
+)
 from cnntrain.engine import Batcher, evaluate
 from cnntrain.errors import DataError, UsageError
 from cnntrain.metrics import classification_report
@@ -40,6 +48,8 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
         ])) or "same names in another order"
         raise DataError(f"the dataset's classes differ from the checkpoint's ({detail})")
     samples = {"val": splits.val, "train": splits.train, "all": splits.train + splits.val}[split]
+    scan = scan_samples(samples)
+    samples = scan.good
     if not samples:
         raise DataError(f"the {split} split is empty; use --split all or a dataset with held-out images")
 
@@ -58,6 +68,7 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
         "data": splits.description,
         "split": split,
         "images": result["images"],
+        "unreadable": [{"path": p, "reason": r} for p, r in scan.bad],
         "loss": result["loss"],
         "top1": result["acc"],
         "top5": result["top5"],
@@ -75,6 +86,9 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
 
 def format_report(report: dict[str, Any], console: Console) -> None:
     console.print(f"{report['arch']} on {report['data']} ({report['split']}, {report['images']} images)")
+    if report["unreadable"]:
+        console.print(f"[yellow]skipped {len(report['unreadable'])} unreadable image(s): "
+                      + ", ".join(u["path"] for u in report["unreadable"][:5]) + "[/]")
     console.print(f"loss {report['loss']:.4f}   top-1 {report['top1']:.4f}   top-5 {report['top5']:.4f}   "
                   f"macro-F1 {report['macro_f1']:.4f}")
     table = Table(title="per class")

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from cnntrain import checkpoint
 from cnntrain.data import Normalize, decode_image, default_workers, eval_transform
 from cnntrain.data.datasets import is_hidden, is_image_file
+from cnntrain.data.decode import ImageDecodeError, one_line
 from cnntrain.engine import Batcher
 from cnntrain.errors import UsageError
 from cnntrain.trainer import amp_dtype_for, resolve_device
@@ -63,9 +64,10 @@ class _Images(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str | None]:
         try:
             return self.transform(decode_image(self.paths[index])), index, None
-        except Exception as exc:  # any unreadable file becomes an error row
+        except Exception as exc:  # any unreadable file becomes an error row, never a crash
             blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
-            return blank, index, f"{type(exc).__name__}: {exc}".splitlines()[0]
+            reason = exc.reason if isinstance(exc, ImageDecodeError) else f"{type(exc).__name__}: {exc}"
+            return blank, index, one_line(reason)
 
 
 def _collate(batch: list[tuple[torch.Tensor, int, str | None]]):

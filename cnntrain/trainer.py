@@ -9,6 +9,7 @@ state (weights, optimiser, schedule, RNG) saved at the end of the epoch before.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -32,11 +33,13 @@ from cnntrain.data import (
     DatasetSplits,
     ImageDataset,
     Normalize,
+    collate_skipping,
     default_workers,
     eval_transform,
     load_builtin,
     load_folder,
     make_loader,
+    scan_samples,
     train_transform,
 )
 from cnntrain.data.sampler import EpochSampler, SeededDataset
@@ -108,11 +111,28 @@ def amp_dtype_for(device: torch.device, amp: bool | None) -> torch.dtype | None:
 
 def load_splits(cfg: TrainConfig, reporter: Reporter) -> DatasetSplits:
     if cfg.data_path:
-        return load_folder(cfg.data_path, val_split=cfg.val_split, seed=cfg.seed)
-    name = cfg.dataset or "shapes"
-    if cfg.dataset is None:
-        reporter.info("no --data-path or --dataset given: training on the built-in offline dataset `shapes`")
-    return load_builtin(name, val_split=cfg.val_split, seed=cfg.seed)
+        splits = load_folder(cfg.data_path, val_split=cfg.val_split, seed=cfg.seed)
+    else:
+        if cfg.dataset is None:
+            reporter.info("no --data-path or --dataset given: training on the built-in offline dataset `shapes`")
+        splits = load_builtin(cfg.dataset or "shapes", val_split=cfg.val_split, seed=cfg.seed)
+    return drop_unreadable(splits, cfg.strict, reporter)
+
+
+def drop_unreadable(splits: DatasetSplits, strict: bool, reporter: Reporter) -> DatasetSplits:
+    """Decode every image once before training (cached), so one bad file cannot end a run."""
+    scan = scan_samples(splits.train + splits.val, strict=strict, progress=reporter.interactive)
+    warning = scan.warning()
+    if warning is None:
+        return splits
+    reporter.always(f"warning: {warning}")
+    good = {path for path, _ in scan.good}
+    train = [s for s in splits.train if s[0] in good]
+    empty = sorted(set(splits.classes) - {splits.classes[label] for _, label in train})
+    if empty:
+        raise DataError(f"class {', '.join(empty)} has no readable training images left; add images or remove "
+                        "the folder")
+    return dataclasses.replace(splits, train=train, val=[s for s in splits.val if s[0] in good])
 
 
 def normalisation(arch: str) -> tuple[list[float], list[float]]:
@@ -273,13 +293,15 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest) -> TrainResult
     # BatchNorm cannot train on a batch of one: skip that lone last sample (a different one
     # each epoch, as the order is shuffled) rather than crash at the end of the epoch.
     drop_last = len(splits.train) % cfg.batch_size == 1
-    train_loader = make_loader(SeededDataset(ImageDataset(splits.train, train_tf)), batch_size=cfg.batch_size,
-                               shuffle=False, sampler=sampler, workers=workers, device=device, seed=cfg.seed,
-                               drop_last=drop_last)
+    # Files that break after the scan are skipped and counted, never fatal (collate_skipping).
+    train_loader = make_loader(SeededDataset(ImageDataset(splits.train, train_tf, skip_unreadable=True)),
+                               batch_size=cfg.batch_size, shuffle=False, sampler=sampler, workers=workers,
+                               device=device, seed=cfg.seed, drop_last=drop_last, collate_fn=collate_skipping)
     val_loader = None
     if splits.val:
-        val_loader = make_loader(ImageDataset(splits.val, eval_transform(cfg.img_size)), batch_size=cfg.batch_size,
-                                 shuffle=False, workers=workers, device=device, seed=cfg.seed)
+        val_loader = make_loader(ImageDataset(splits.val, eval_transform(cfg.img_size), skip_unreadable=True),
+                                 batch_size=cfg.batch_size, shuffle=False, workers=workers, device=device,
+                                 seed=cfg.seed, collate_fn=collate_skipping)
     batcher = Batcher(device, Normalize(mean, std).to(device), channels_last, amp_dtype)
 
     write_text(run_dir / "config.yaml", save_yaml(cfg))

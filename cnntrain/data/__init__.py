@@ -9,14 +9,17 @@ from cnntrain.data.datasets import (
     IMG_EXTENSIONS,
     DatasetSplits,
     ImageDataset,
+    Unreadable,
     cache_root,
     decode_image,
     load_folder,
     scan_classes,
     split_samples,
 )
+from cnntrain.data.decode import ImageDecodeError
 from cnntrain.data.download import download_verified, extract_tar, verify_file
-from cnntrain.data.loader import default_workers, make_loader, seed_worker
+from cnntrain.data.loader import collate_skipping, default_workers, make_loader, seed_worker
+from cnntrain.data.scan import ScanResult, scan_samples
 from cnntrain.data.shapes import SHAPE_CLASSES, generate_shapes
 from cnntrain.data.transforms import (
     AUGMENTATIONS,
@@ -36,8 +39,12 @@ __all__ = [
     "SHAPE_CLASSES",
     "DatasetSplits",
     "ImageDataset",
+    "ImageDecodeError",
     "Normalize",
+    "ScanResult",
+    "Unreadable",
     "cache_root",
+    "collate_skipping",
     "decode_image",
     "default_workers",
     "download_verified",
@@ -47,6 +54,7 @@ __all__ = [
     "load_builtin",
     "load_folder",
     "make_loader",
+    "scan_samples",
     "scan_classes",
     "seed_worker",
     "split_samples",

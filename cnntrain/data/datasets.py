@@ -14,6 +14,7 @@ The built-in datasets (``load_builtin``, ``BUILTIN_DATASETS``) live in
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections import Counter
@@ -21,12 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms.v2.functional import pil_to_tensor
 
+from cnntrain.data.decode import ImageDecodeError, decode_image, one_line
 from cnntrain.errors import DataError, UsageError
+
+logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VAL_FOLDER_NAMES = ("val", "valid", "validation", "test")
@@ -148,9 +149,12 @@ class DatasetSplits:
             line = f"{split + ':':6} {len(samples):,} images, {len(counts)} classes"
             if counts:
                 line += f" ({min(counts.values()):,} to {max(counts.values()):,} per class)"
-            missing = len(self.classes) - len(counts)
+            missing = [name for label, name in enumerate(self.classes) if label not in counts]
             if samples and missing:
-                line += f", {missing} class{'es' if missing > 1 else ''} without images"
+                names = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                line += f"; no {split} images of class{'es' if len(missing) > 1 else ''} {names}"
+            if split == "val" and not samples:
+                line += " (nothing held out: val_split=0 or one image per class; runs are judged on train accuracy)"
             lines.append(line)
         return "\n".join(lines)
 
@@ -247,46 +251,37 @@ def load_folder(path: str | os.PathLike, val_split: float = 0.1, seed: int = 0) 
     return DatasetSplits(classes, train, val, str(path), description)
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Scale 16/32-bit integer and float greyscale to 8-bit (``convert`` would clip to white)."""
-    arr = np.asarray(img)
-    if img.mode == "F":
-        arr = np.clip(arr, 0, 255) if arr.max(initial=0) > 1 else np.clip(arr * 255, 0, 255)
-    else:
-        arr = arr.astype(np.int64)
-        arr = arr // 257 if arr.max(initial=0) > 255 else arr
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+@dataclass(frozen=True)
+class Unreadable:
+    """What :class:`ImageDataset` yields, with ``skip_unreadable=True``, for a file it cannot read.
 
-
-def decode_image(path: str | os.PathLike) -> torch.Tensor:
-    """Read an image file as a uint8 ``3 x H x W`` tensor: EXIF-rotated, converted to RGB.
-
-    Grey, palette, RGBA, CMYK and 16-bit images all come back as 3-channel uint8 (alpha is
-    dropped). An unreadable file raises :class:`DataError` naming it.
+    A plain picklable value, so it crosses DataLoader workers and ``SeededDataset`` unchanged;
+    :func:`cnntrain.data.loader.collate_skipping` drops it from the batch and reports ``path``.
     """
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-                img = _to_8bit(img)
-            elif img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            img = img.convert("RGB")
-            return pil_to_tensor(img)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path}: {e}; remove or replace the file") from e
+
+    label: int
+    path: str
+    reason: str
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """``(path, label)`` samples -> ``(uint8 3xHxW tensor, label)``, ``transform`` applied."""
+    """``(path, label)`` samples -> ``(uint8 3xHxW tensor, label)``, ``transform`` applied.
+
+    With ``skip_unreadable=True`` a file that cannot be decoded (deleted, truncated or replaced
+    after the scan) yields an :class:`Unreadable` marker and one warning line instead of
+    raising, so one bad file cannot end an epoch; pair it with ``collate_skipping``.
+    """
 
     def __init__(
         self,
         samples: Sequence[tuple[str, int]],
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        skip_unreadable: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
 
     @property
     def targets(self) -> list[int]:
@@ -295,12 +290,20 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Unreadable:
         path, label = self.samples[index]
-        image = decode_image(path)
+        try:
+            image = decode_image(path)
+        except DataError as e:
+            if not self.skip_unreadable:
+                raise
+            reason = e.reason if isinstance(e, ImageDecodeError) else str(e)
+            logger.warning("skipping unreadable image %s: %s", one_line(path), one_line(reason))
+            return Unreadable(label, str(path), one_line(reason))
         if self.transform is not None:
             image = self.transform(image)
         return image, label
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({len(self)} images, transform={self.transform!r})"
+        skip = ", skip_unreadable=True" if self.skip_unreadable else ""
+        return f"{type(self).__name__}({len(self)} images, transform={self.transform!r}{skip})"

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cnntrain.data.datasets import Unreadable
 from cnntrain.errors import UsageError
 
 
@@ -43,6 +46,7 @@ def make_loader(
     seed: int = 0,
     drop_last: bool = False,
     sampler: Sampler | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """Build a DataLoader yielding uint8 batches, reproducible for a given ``seed``.
 
@@ -50,6 +54,8 @@ def make_loader(
     workers persist across epochs when ``workers > 0``. ``drop_last`` defaults to False: the
     last partial batch is never dropped unless asked. ``sampler`` (e.g. DistributedSampler) is
     passed through and requires ``shuffle=False``. A batch size larger than the dataset is fine.
+    ``collate_fn`` replaces PyTorch's default, e.g. :func:`collate_skipping` for a dataset built
+    with ``skip_unreadable=True``.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
@@ -74,4 +80,21 @@ def make_loader(
         persistent_workers=workers > 0,
         worker_init_fn=seed_worker,
         generator=generator,
+        collate_fn=collate_fn,
     )
+
+
+def collate_skipping(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Collate ``(image, label)`` items, dropping :class:`Unreadable` markers.
+
+    Returns ``(uint8 NCHW images, int64 targets, skipped paths)``. When every item failed the
+    images are an empty ``(0, 3, 0, 0)`` tensor and the targets empty, so a loop can skip the
+    batch instead of crashing; an epoch goes on with the files that can still be read.
+    """
+    good = [item for item in batch if not isinstance(item, Unreadable)]
+    skipped = [item.path for item in batch if isinstance(item, Unreadable)]
+    if not good:
+        return torch.empty((0, 3, 0, 0), dtype=torch.uint8), torch.empty(0, dtype=torch.long), skipped
+    images = torch.stack([image for image, _ in good])
+    targets = torch.as_tensor([int(label) for _, label in good], dtype=torch.long)
+    return images, targets, skipped

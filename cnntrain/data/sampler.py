@@ -24,7 +24,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """``skip`` the first samples of this epoch's order (resuming a run stopped mid-epoch)."""
         self.epoch = epoch
-        self.skip = skip
+        self.skip = min(max(skip, 0), self.size)
 
     def __len__(self) -> int:
         return self.size - self.skip

@@ -35,7 +35,7 @@ def start_process(*args: str, cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
@@ -147,7 +147,7 @@ def test_case03_signal_saves_and_exits(image_folder, tmp_path, sig, code):
     run = tmp_path / "exp"
     wait_for(lambda: epochs_logged(run) >= 1, proc)
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=180)
     assert proc.returncode == code, out
     assert f"cnntrain train --resume {run}" in out
     last = safe_load(run / "last.pt")
@@ -182,7 +182,7 @@ def test_case03_04_sigint_mid_epoch_resumes_exactly(runner, image_folder, tmp_pa
     wait_for(lambda: epochs_logged(run) >= 1, proc)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=180)
     assert proc.returncode in (130, 0), out
     if proc.returncode == 130:
         result = run_cli(runner, "train", "--resume", str(run))
@@ -352,3 +352,89 @@ def test_case19_same_seed_same_weights(runner, image_folder, tmp_path):
         assert run_cli(runner, "train", "--data-path", str(image_folder), *TINY, "--epochs", "2", "--deterministic",
                        "--seed", "7", "--aug", "randaugment", "--project", str(tmp_path / name)).exit_code == 0
     assert_same_weights(tmp_path / "a" / "exp" / "last.pt", tmp_path / "b" / "exp" / "last.pt")
+
+
+# --- 14. tiny datasets (trainer side) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_class", [1, 2])
+def test_case14_tiny_dataset_trains(runner, tmp_path, per_class):
+    """One image per class (no validation possible) or two (one held out), batch larger than the data."""
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "tiny", per_class=per_class)
+    result = run_cli(runner, "train", "--data-path", str(data), *TINY[:-2], "--batch-size", "16", "--epochs", "2",
+                     "--project", str(tmp_path / "runs"))
+    assert result.exit_code == 0, result.output
+    summary = __import__("json").loads((tmp_path / "runs" / "exp" / "summary.json").read_text())
+    assert summary["train_images"] + summary["val_images"] == 3 * per_class
+    assert summary["monitor"] == ("train_acc" if per_class == 1 else "val_acc")
+
+
+def test_case14_single_training_image_is_a_clear_error(runner, tmp_path):
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "one", per_class=1, classes=("red",))
+    result = run_cli(runner, "train", "--data-path", str(data), *TINY, "--epochs", "1", "--project", str(tmp_path))
+    assert result.exit_code == 1 and "at least 2" in result.stderr
+
+
+# --- 9, 10. bad images at the trainer level ------------------------------------------------
+
+
+def _with_bad_files(root: Path) -> list[Path]:
+    from conftest import make_image_folder
+
+    make_image_folder(root, per_class=8)
+    good = next((root / "red").glob("*.png")).read_bytes()
+    bad = [root / "red" / "truncated.png", root / "blue" / "empty.jpg", root / "green" / "notes.jpg"]
+    bad[0].write_bytes(good[: len(good) // 2])
+    bad[1].write_bytes(b"")
+    bad[2].write_text("this is text, not a photo")
+    return bad
+
+
+def test_case09_training_skips_bad_files_with_one_warning(runner, tmp_path):
+    bad = _with_bad_files(tmp_path / "data")
+    result = run_cli(runner, "train", "--data-path", str(tmp_path / "data"), *TINY, "--epochs", "1",
+                     "--project", str(tmp_path / "runs"))
+    assert result.exit_code == 0, result.output
+    assert "skipping 3 of 27 images" in result.output
+    assert all(str(p) in result.output for p in bad)
+    summary = __import__("json").loads((tmp_path / "runs" / "exp" / "summary.json").read_text())
+    assert summary["train_images"] + summary["val_images"] == 24
+
+
+def test_case09_strict_refuses_before_training(runner, tmp_path):
+    _with_bad_files(tmp_path / "data")
+    result = run_cli(runner, "train", "--data-path", str(tmp_path / "data"), *TINY, "--epochs", "1", "--strict",
+                     "--project", str(tmp_path / "runs"))
+    assert result.exit_code == 1 and "3 of 27 images cannot be read" in result.stderr
+    assert not (tmp_path / "runs" / "exp" / "last.pt").exists()
+
+
+def test_case10_file_broken_after_scan_is_skipped_and_counted(runner, tmp_path, monkeypatch):
+    import cnntrain.trainer as trainer
+    from cnntrain.data.scan import ScanResult
+
+    bad = _with_bad_files(tmp_path / "data")
+    # the scan saw a healthy folder; the files broke afterwards
+    monkeypatch.setattr(trainer, "scan_samples", lambda samples, **k: ScanResult(good=list(samples), bad=[]))
+    result = run_cli(runner, "train", "--data-path", str(tmp_path / "data"), *TINY, "--val-split", "0",
+                     "--epochs", "1", "--workers", "2", "--project", str(tmp_path / "runs"))
+    assert result.exit_code == 0, result.output
+    assert "skipped 3 unreadable image(s)" in result.output
+    assert all(str(p) in result.output for p in bad)
+
+
+def test_case03_resume_point_after_the_last_batch_is_safe():
+    """A stop after an epoch's final (partial) batch resumes with nothing left, not a crash."""
+    from cnntrain.data.sampler import EpochSampler
+
+    sampler = EpochSampler(range(27), shuffle=True, seed=1)
+    sampler.set_epoch(3, skip=14 * 2)  # 14 batches of 2 drawn from 27 samples
+    assert len(sampler) == 0 and list(sampler) == []
+    sampler.set_epoch(3, skip=10)
+    full = EpochSampler(range(27), shuffle=True, seed=1)
+    full.set_epoch(3)
+    assert list(sampler) == list(full)[10:]

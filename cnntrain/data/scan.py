@@ -1,0 +1,224 @@
+"""Check every image of a dataset before training, so a bad file is reported up front, not mid-epoch.
+
+Scraped and phone folders hold truncated JPEGs, empty files, HTML pages saved as ``.jpg`` and
+formats Pillow cannot read. ``Image.verify()`` passes truncated JPEGs, so each file is fully
+decoded with the same :func:`~cnntrain.data.decode.decode_image` that training uses: what the
+scan accepts, training can read.
+
+Decoding a large dataset takes a while, so results are cached per file by (absolute path,
+size, mtime_ns) in ``cache_root()/scan/<hash of the dataset root>.json``; a second run decodes
+only new or changed files. The cache also records the Pillow version and the size limits, so
+upgrading either re-checks everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import PIL
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cnntrain import fileio
+from cnntrain.data import decode
+from cnntrain.data.datasets import cache_root
+from cnntrain.data.decode import ImageDecodeError, decode_image, one_line
+from cnntrain.data.loader import default_workers
+from cnntrain.errors import DataError, UsageError
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+#: Below this many files to decode, worker processes cost more to start than they save.
+POOL_THRESHOLD = 512
+#: Files listed by :meth:`ScanResult.warning` and in a strict-mode error.
+WARN_LIMIT = 20
+ERROR_LIMIT = 3
+
+
+@dataclass
+class ScanResult:
+    """Samples that decode (``good``, input order kept), ``(path, reason)`` for the rest."""
+
+    good: list[tuple[str, int]]
+    bad: list[tuple[str, str]]
+    cached: int = 0  # results taken from the cache instead of decoding
+    seconds: float = field(default=0.0, compare=False)
+
+    @property
+    def total(self) -> int:
+        return len(self.good) + len(self.bad)
+
+    def warning(self, limit: int = WARN_LIMIT) -> str | None:
+        """One message for all bad files (a count, then a line per file up to ``limit``), or None."""
+        if not self.bad:
+            return None
+        lines = [f"skipping {len(self.bad):,} of {self.total:,} images that cannot be read "
+                 "(remove or replace them to use them):"]
+        lines += [f"  {one_line(path)}: {reason}" for path, reason in self.bad[:limit]]
+        if len(self.bad) > limit:
+            lines.append(f"  ... and {len(self.bad) - limit:,} more")
+        return "\n".join(lines)
+
+    def error(self, limit: int = ERROR_LIMIT) -> str:
+        """The one-line strict-mode error: a count and the first few files with reasons."""
+        shown = "; ".join(f"{one_line(p)} ({r})" for p, r in self.bad[:limit])
+        more = f"; and {len(self.bad) - limit:,} more" if len(self.bad) > limit else ""
+        return (f"{len(self.bad):,} of {self.total:,} images cannot be read: {shown}{more}; "
+                "remove or replace them, or scan without strict checking to skip them")
+
+
+def _decoder_id() -> str:
+    """What a cached verdict depends on besides the file itself."""
+    return f"pillow {PIL.__version__}, max_pixels {decode.MAX_IMAGE_PIXELS}, max_aspect {decode.MAX_ASPECT_RATIO}"
+
+
+def _cache_file(paths: Sequence[str]) -> Path:
+    """``cache_root()/scan/<hash>.json``, keyed by the folder holding every sample (the dataset root)."""
+    folders = sorted({os.path.dirname(p) for p in paths})
+    try:
+        root = os.path.commonpath(folders)
+    except ValueError:  # different drives (Windows): key by the folder list instead
+        root = "\n".join(folders)
+    digest = hashlib.sha256(root.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    return cache_root() / "scan" / f"{digest}.json"
+
+
+def _load_cache(path: Path) -> dict[str, list[Any]]:
+    """The cached entries, or nothing if the file is missing, damaged or from another decoder."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("version") == CACHE_VERSION and data.get("decoder") == _decoder_id():
+            return {k: v for k, v in data["files"].items() if isinstance(v, list) and len(v) == 3}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return {}
+
+
+def _save_cache(path: Path, entries: dict[str, list[Any]]) -> None:
+    """Write atomically; a cache that cannot be written only costs time on the next run."""
+    data = {"version": CACHE_VERSION, "decoder": _decoder_id(), "files": entries}
+    try:
+        fileio.atomic_write_text(path, json.dumps(data, separators=(",", ":")))
+    except OSError as e:
+        logger.debug("could not write the scan cache %s: %s", path, e)
+
+
+def check_image(path: str) -> tuple[str | None, bool]:
+    """``(None, True)`` if ``path`` decodes, else ``(reason, cacheable)``."""
+    try:
+        decode_image(path)
+    except ImageDecodeError as e:
+        return e.reason, not e.transient
+    except DataError as e:
+        return one_line(e), False
+    return None, True
+
+
+class _Checks(Dataset):
+    """Lets a DataLoader run :func:`check_image` in worker processes (its crash handling included)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, str | None, bool]:
+        return (index, *check_image(self.paths[index]))
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _run_checks(paths: list[str], workers: int, progress: bool) -> list[tuple[str | None, bool]]:
+    results: list[tuple[str | None, bool]] = [(None, True)] * len(paths)
+    with tqdm(total=len(paths), desc="checking images", unit="img", disable=not progress, leave=False) as bar:
+        if workers == 0:
+            for i, path in enumerate(paths):
+                results[i] = check_image(path)
+                bar.update()
+            return results
+        loader = DataLoader(_Checks(paths), batch_size=16, num_workers=workers, collate_fn=_as_list)
+        for batch in loader:
+            for index, reason, cacheable in batch:
+                results[index] = (reason, cacheable)
+            bar.update(len(batch))
+    return results
+
+
+def _auto_workers(n: int) -> int:
+    return 0 if n < POOL_THRESHOLD else min(default_workers(), max(1, n // 256))
+
+
+def scan_samples(
+    samples: list[tuple[str, int]],
+    *,
+    strict: bool = False,
+    cache: bool = True,
+    workers: int | None = None,
+    progress: bool = False,
+) -> ScanResult:
+    """Fully decode every sample; split them into readable ``good`` ones and ``bad`` ``(path, reason)``.
+
+    Default: bad files are only reported (``result.warning()`` is the message to print) and left
+    out of ``good``. ``strict=True`` raises :class:`DataError` naming them instead. With
+    ``cache`` (the default) verdicts are stored by (absolute path, size, mtime_ns) under
+    ``cache_root()/"scan"`` and reused while a file is unchanged; ``result.cached`` counts those.
+    ``workers`` decoder processes (default: none below :data:`POOL_THRESHOLD` files to decode,
+    else up to ``default_workers()``); ``progress`` shows a bar.
+    """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise UsageError(f"workers must be 0 or more, got {workers!r}; 0 checks in this process")
+    start = time.perf_counter()
+    samples = list(samples)
+    abspaths = [os.path.abspath(path) for path, _ in samples]
+    cache_path = _cache_file(abspaths) if cache and samples else None
+    entries = _load_cache(cache_path) if cache_path is not None else {}
+    verdicts: dict[str, str | None] = {}  # abspath -> reason (None: good)
+    keys: dict[str, list[Any]] = {}  # abspath -> [size, mtime_ns] of files to decode
+    cached = 0
+    for ap in dict.fromkeys(abspaths):
+        try:
+            st = os.stat(ap)
+        except OSError as e:  # not cached: the file may come back
+            gone = isinstance(e, FileNotFoundError)
+            verdicts[ap] = "file not found (deleted or moved?)" if gone else one_line(e.strerror or e)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            verdicts[ap] = "not a regular file"
+            continue
+        entry = entries.get(ap)
+        if entry is not None and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+            verdicts[ap] = entry[2]
+            cached += 1
+        else:
+            keys[ap] = [st.st_size, st.st_mtime_ns]
+    todo = list(keys)
+    n_workers = _auto_workers(len(todo)) if workers is None else min(workers, len(todo))
+    changed = False
+    for ap, (reason, cacheable) in zip(todo, _run_checks(todo, n_workers, progress)):
+        verdicts[ap] = reason
+        if cacheable:
+            entries[ap] = [*keys[ap], reason]
+            changed = True
+    if cache_path is not None and changed:
+        current = set(verdicts)  # keep other scans' entries (train and val share a root) unless gone
+        _save_cache(cache_path, {k: v for k, v in entries.items() if k in current or os.path.exists(k)})
+
+    good = [s for s, ap in zip(samples, abspaths) if verdicts[ap] is None]
+    bad = [(path, verdicts[ap] or "") for (path, _), ap in zip(samples, abspaths) if verdicts[ap] is not None]
+    result = ScanResult(good, bad, cached, time.perf_counter() - start)
+    if strict and bad:
+        raise DataError(result.error())
+    return result
