@@ -66,7 +66,7 @@ def models(
 ) -> None:
     """List architectures: family, parameters, GMACs at 224x224, ImageNet weights and top-1."""
     from cnntrain.models import list_models, model_info
-    from cnntrain.models.stats import model_stats
+    from cnntrain.models.stats import model_stats_cached
 
     try:
         _check_choice("--format", fmt, ("table", "json"))
@@ -74,9 +74,10 @@ def models(
         if not names:
             raise CnnTrainError(f"no architecture matches {pattern!r}; run `cnntrain models` for the full list")
         rows = []
+        all_stats = model_stats_cached(names, 224)
         for name in names:
             info = model_info(name)
-            stats = model_stats(name, 224)
+            stats = all_stats[name]
             rows.append({**info, "params_m": round(stats["params_m"], 3), "gmacs": round(stats["gmacs"], 3),
                          "macs_img_size": stats["img_size"]})
     except CnnTrainError as exc:

@@ -2,8 +2,12 @@
 
 The epoch loop itself lives in ``engine``; this module decides what to build, when to
 unfreeze, what to save and when to stop. Epochs are 0-based inside and 1-based on screen.
-A resumed run restarts the epoch it was interrupted in from its beginning, with the exact
-state (weights, optimiser, schedule, RNG) saved at the end of the epoch before.
+
+Resuming: last.pt is written at the end of every epoch and, on Ctrl-C/SIGTERM, after the
+current step (with the epoch's running sums). A run stopped by a signal continues at the
+batch where it stopped; a run killed outright restarts the epoch after its last completed
+one. Either way the state (weights, optimiser, schedule, RNG) is exact, and the sampler's
+per-(epoch, sample) seeding replays the same batches.
 """
 
 from __future__ import annotations
@@ -238,6 +242,8 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest) -> TrainResult
     pretrained = cfg.pretrained
     if pretrained is None:
         pretrained = spec.weights is not None and cfg.weights is None and resumed is None
+        if spec.weights is None and cfg.weights is None:
+            reporter.info(f"{cfg.arch} has no ImageNet weights: training from scratch")
     model, load_report = build_model(cfg.arch, len(classes), pretrained=pretrained)
     if load_report is not None:
         reporter.info(load_report.summary())

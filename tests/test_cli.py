@@ -125,3 +125,17 @@ def test_train_without_cached_weights_names_three_ways_out(runner, closed_port, 
     assert result.exit_code == 1
     for way in ("cnntrain download-weights resnet18", "--weights", "--no-pretrained"):
         assert way in result.stderr
+
+
+def test_models_stats_are_cached(runner, monkeypatch):
+    from cnntrain.models import stats
+
+    first = runner.invoke(app, ["models", "resnet1*", "--format", "json"])
+    assert first.exit_code == 0
+
+    def no_recount(*a, **k):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(stats, "model_stats", no_recount)
+    second = runner.invoke(app, ["models", "resnet1*", "--format", "json"])
+    assert second.exit_code == 0 and json.loads(second.stdout) == json.loads(first.stdout)

@@ -1,15 +1,21 @@
 """Parameter and multiply-add counts, measured with torch's own FLOP counter.
 
 Models are built on the meta device where the builder allows it, so even the largest
-networks are counted in well under a second without allocating their weights.
+networks are counted in well under a second without allocating their weights. Counts only
+change with the library versions, so they are cached (``model_stats_cached``) and
+`cnntrain models` does not rebuild RegNet-128GF on every call.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cnntrain.fileio import atomic_write_text
 from cnntrain.models.registry import get_spec
 
 
@@ -45,3 +51,32 @@ def model_stats(name: str, img_size: int = 224) -> dict[str, float]:
         "gmacs": count_macs(model, size, device="meta") / 1e9,
         "img_size": size,
     }
+
+
+def _stats_cache_path() -> Path:
+    import torchvision
+
+    from cnntrain import __version__
+    from cnntrain.data.datasets import cache_root
+
+    key = f"torch{torch.__version__}-tv{torchvision.__version__}-cnntrain{__version__}".replace("+", "_")
+    return cache_root() / "model_stats" / f"{key}.json"
+
+
+def model_stats_cached(names: list[str], img_size: int = 224) -> dict[str, dict[str, float]]:
+    """``model_stats`` for many models, remembered across calls (keyed by library versions)."""
+    path = _stats_cache_path()
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    missing = [n for n in names if f"{n}@{img_size}" not in cache]
+    for name in missing:
+        cache[f"{name}@{img_size}"] = model_stats(name, img_size)
+    if missing:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
+        except OSError:
+            pass  # a read-only cache only costs time
+    return {n: cache[f"{n}@{img_size}"] for n in names}
