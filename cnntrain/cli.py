@@ -108,39 +108,39 @@ Opt = typer.Option
 def train(
     data_path: Annotated[Optional[Path], Opt("--data-path", "--data", help="ImageFolder root: one sub-folder per class (or train/ + val/).", rich_help_panel="Data")] = None,
     dataset: Annotated[Optional[str], Opt(help="Built-in dataset: shapes (offline), flowers, cifar10, cifar100.", rich_help_panel="Data")] = None,
-    val_split: Annotated[Optional[float], Opt(help="Held-out fraction per class when DIR is not pre-split [default: 0.1].", rich_help_panel="Data")] = None,
-    img_size: Annotated[Optional[int], Opt(help="Training crop size [default: 224].", rich_help_panel="Data")] = None,
+    val_split: Annotated[Optional[float], Opt(help="Held-out fraction per class when DIR is not pre-split (default: 0.1).", rich_help_panel="Data")] = None,
+    img_size: Annotated[Optional[int], Opt(help="Training crop size (default: 224).", rich_help_panel="Data")] = None,
     aug: Annotated[Optional[str], Opt(help="Extra augmentation, comma-separated: trivialaugment, randaugment, erasing; 'none' = deterministic.", rich_help_panel="Data")] = None,
-    workers: Annotated[Optional[int], Opt(help="DataLoader worker processes [default: min(8, CPUs)].", rich_help_panel="Data")] = None,
+    workers: Annotated[Optional[int], Opt(help="DataLoader worker processes (default: min(8, CPUs)).", rich_help_panel="Data")] = None,
     strict: Annotated[Optional[bool], Opt("--strict/--no-strict", help="Any unreadable image is an error (default: skip them with a warning).", rich_help_panel="Data")] = None,
-    arch: Annotated[Optional[str], Opt(help="Architecture name (see `cnntrain models`) [default: resnet18].", rich_help_panel="Model")] = None,
-    pretrained: Annotated[Optional[bool], Opt("--pretrained/--no-pretrained", help="Start from ImageNet weights [default: on where they exist].", rich_help_panel="Model")] = None,
+    arch: Annotated[Optional[str], Opt(help="Architecture name (see `cnntrain models`) (default: resnet18).", rich_help_panel="Model")] = None,
+    pretrained: Annotated[Optional[bool], Opt("--pretrained/--no-pretrained", help="Start from ImageNet weights (default: on where they exist).", rich_help_panel="Model")] = None,
     weights: Annotated[Optional[Path], Opt(help="Start from a cnntrain checkpoint or a plain state dict.", rich_help_panel="Model")] = None,
     freeze_layers: Annotated[Optional[bool], Opt("--freeze-layers/--no-freeze-layers", help="Train only the classifier head.", rich_help_panel="Model")] = None,
     unfreeze_epoch: Annotated[Optional[int], Opt(help="With --freeze-layers: unfreeze everything from this epoch on (1-based).", rich_help_panel="Model")] = None,
-    epochs: Annotated[Optional[int], Opt(help="[default: 10]", rich_help_panel="Optimisation")] = None,
-    batch_size: Annotated[Optional[int], Opt(help="[default: 32]", rich_help_panel="Optimisation")] = None,
-    opt: Annotated[Optional[str], Opt(help="sgd, adamw or adam [default: sgd].", rich_help_panel="Optimisation")] = None,
-    lr: Annotated[Optional[float], Opt(help="Base learning rate [default: 0.01].", rich_help_panel="Optimisation")] = None,
-    momentum: Annotated[Optional[float], Opt(help="SGD momentum [default: 0.9].", rich_help_panel="Optimisation")] = None,
-    nesterov: Annotated[Optional[bool], Opt("--nesterov/--no-nesterov", help="Nesterov momentum for SGD [default: on].", rich_help_panel="Optimisation")] = None,
-    weight_decay: Annotated[Optional[float], Opt(help="[default: 1e-4]", rich_help_panel="Optimisation")] = None,
-    sched: Annotated[Optional[str], Opt(help="step, multistep, cosine or none [default: cosine].", rich_help_panel="Optimisation")] = None,
-    step_size: Annotated[Optional[int], Opt(help="Epochs per step for --sched step [default: 10].", rich_help_panel="Optimisation")] = None,
-    gamma: Annotated[Optional[float], Opt(help="Decay factor for step/multistep [default: 0.1].", rich_help_panel="Optimisation")] = None,
+    epochs: Annotated[Optional[int], Opt(help="(default: 10)", rich_help_panel="Optimisation")] = None,
+    batch_size: Annotated[Optional[int], Opt(help="(default: 32)", rich_help_panel="Optimisation")] = None,
+    opt: Annotated[Optional[str], Opt(help="sgd, adamw or adam (default: sgd).", rich_help_panel="Optimisation")] = None,
+    lr: Annotated[Optional[float], Opt(help="Base learning rate (default: 0.01).", rich_help_panel="Optimisation")] = None,
+    momentum: Annotated[Optional[float], Opt(help="SGD momentum (default: 0.9).", rich_help_panel="Optimisation")] = None,
+    nesterov: Annotated[Optional[bool], Opt("--nesterov/--no-nesterov", help="Nesterov momentum for SGD (default: on).", rich_help_panel="Optimisation")] = None,
+    weight_decay: Annotated[Optional[float], Opt(help="(default: 1e-4)", rich_help_panel="Optimisation")] = None,
+    sched: Annotated[Optional[str], Opt(help="step, multistep, cosine or none (default: cosine).", rich_help_panel="Optimisation")] = None,
+    step_size: Annotated[Optional[int], Opt(help="Epochs per step for --sched step (default: 10).", rich_help_panel="Optimisation")] = None,
+    gamma: Annotated[Optional[float], Opt(help="Decay factor for step/multistep (default: 0.1).", rich_help_panel="Optimisation")] = None,
     milestones: Annotated[Optional[str], Opt(help="Epochs for --sched multistep, e.g. 10,20.", rich_help_panel="Optimisation")] = None,
-    lrf: Annotated[Optional[float], Opt(help="Cosine floor as a fraction of --lr [default: 0.01].", rich_help_panel="Optimisation")] = None,
-    warmup_epochs: Annotated[Optional[int], Opt(help="Linear warm-up epochs [default: 0].", rich_help_panel="Optimisation")] = None,
-    label_smoothing: Annotated[Optional[float], Opt(help="[default: 0]", rich_help_panel="Optimisation")] = None,
+    lrf: Annotated[Optional[float], Opt(help="Cosine floor as a fraction of --lr (default: 0.01).", rich_help_panel="Optimisation")] = None,
+    warmup_epochs: Annotated[Optional[int], Opt(help="Linear warm-up epochs (default: 0).", rich_help_panel="Optimisation")] = None,
+    label_smoothing: Annotated[Optional[float], Opt(help="(default: 0)", rich_help_panel="Optimisation")] = None,
     clip_grad: Annotated[Optional[float], Opt(help="Clip the gradient norm to this value.", rich_help_panel="Optimisation")] = None,
     patience: Annotated[Optional[int], Opt(help="Stop after this many epochs without improvement.", rich_help_panel="Optimisation")] = None,
-    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N or mps [default: auto].", rich_help_panel="Hardware")] = None,
-    amp: Annotated[Optional[bool], Opt("--amp/--no-amp", help="Mixed precision on CUDA [default: on].", rich_help_panel="Hardware")] = None,
+    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N or mps (default: auto).", rich_help_panel="Hardware")] = None,
+    amp: Annotated[Optional[bool], Opt("--amp/--no-amp", help="Mixed precision on CUDA (default: on).", rich_help_panel="Hardware")] = None,
     compile: Annotated[Optional[bool], Opt("--compile/--no-compile", help="torch.compile the model.", rich_help_panel="Hardware")] = None,
-    seed: Annotated[Optional[int], Opt(help="[default: 0]", rich_help_panel="Hardware")] = None,
+    seed: Annotated[Optional[int], Opt(help="(default: 0)", rich_help_panel="Hardware")] = None,
     deterministic: Annotated[Optional[bool], Opt("--deterministic/--no-deterministic", help="Deterministic algorithms (reproducible, slower).", rich_help_panel="Hardware")] = None,
-    project: Annotated[Optional[str], Opt(help="Folder for runs [default: runs].", rich_help_panel="Output")] = None,
-    name: Annotated[Optional[str], Opt(help="Run name; taken names get 2, 3, ... [default: exp].", rich_help_panel="Output")] = None,
+    project: Annotated[Optional[str], Opt(help="Folder for runs (default: runs).", rich_help_panel="Output")] = None,
+    name: Annotated[Optional[str], Opt(help="Run name; taken names get 2, 3, ... (default: exp).", rich_help_panel="Output")] = None,
     exist_ok: Annotated[Optional[bool], Opt("--exist-ok", help="Reuse project/name instead of numbering.", rich_help_panel="Output")] = None,
     resume: Annotated[Optional[str], Opt(help="Continue a run: its last.pt, its folder, or 'auto' for the latest.", rich_help_panel="Output")] = None,
     quiet: Annotated[Optional[bool], Opt("--quiet", "-q", help="Print only the final summary.", rich_help_panel="Output")] = None,
@@ -193,7 +193,7 @@ def _print_train_summary(result: Any) -> None:
 @app.command()
 def predict(
     inputs: Annotated[list[str], typer.Argument(help="Images, folders or globs (quote globs: 'imgs/*.jpg').")],
-    weights: Annotated[Optional[Path], Opt(help="Checkpoint [default: best.pt of runs/latest].")] = None,
+    weights: Annotated[Optional[Path], Opt(help="Checkpoint (default: best.pt of runs/latest).")] = None,
     topk: Annotated[int, Opt(help="Classes to show per image.")] = 5,
     fmt: Annotated[str, Opt("--format", help="table, json or csv.")] = "table",
     batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 32,
@@ -243,7 +243,7 @@ def _print_prediction_table(rows: list[dict]) -> None:
 
 @app.command("eval")
 def eval_(
-    weights: Annotated[Optional[Path], Opt(help="Checkpoint [default: best.pt of runs/latest].")] = None,
+    weights: Annotated[Optional[Path], Opt(help="Checkpoint (default: best.pt of runs/latest).")] = None,
     data_path: Annotated[Optional[Path], Opt("--data-path", "--data", help="ImageFolder root (or train/ + val/).")] = None,
     dataset: Annotated[Optional[str], Opt(help="Built-in dataset: shapes, flowers, cifar10, cifar100.")] = None,
     split: Annotated[str, Opt(help="val, train or all.")] = "val",
@@ -272,6 +272,43 @@ def eval_(
         print(json.dumps(report, indent=2))
     else:
         format_report(report, out)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@app.command()
+def bench(
+    arch: Annotated[str, Opt(help="Architectures, comma-separated, e.g. resnet18,mobilenet_v3_small.")] = "resnet18",
+    img_size: Annotated[int, Opt(help="Input size in pixels.")] = 224,
+    batch_size: Annotated[int, Opt(help="Batch size for throughput (latency is at batch 1).")] = 32,
+    device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    amp: Annotated[Optional[bool], Opt("--amp/--no-amp", help="Mixed precision (default: on for CUDA, bf16 where supported).")] = None,
+    channels_last: Annotated[Optional[bool], Opt("--channels-last/--no-channels-last", help="channels_last memory format (default: on for CUDA).")] = None,
+    runs: Annotated[int, Opt(help="Timed runs per measurement (the median is reported).")] = 5,
+    fmt: Annotated[str, Opt("--format", help="table, json or csv.")] = "table",
+    plot: Annotated[Optional[Path], Opt(help="Also write GMACs vs training images/s as a PNG here.")] = None,
+    pipeline: Annotated[bool, Opt("--pipeline", help="Also time the real input pipeline and whole training epochs.")] = False,
+    data_path: Annotated[Optional[Path], Opt("--data-path", "--data", help="ImageFolder root for --pipeline.")] = None,
+    workers: Annotated[Optional[int], Opt(help="DataLoader workers for --pipeline (default: min(8, CPUs)).")] = None,
+    epochs: Annotated[int, Opt(help="Epochs for --pipeline (epoch 1 includes worker start-up).")] = 2,
+) -> None:
+    """Parameters, GMACs, inference/training images/s and latency per architecture; --pipeline adds data timings."""
+    from cnntrain.bench import bench_table, format_rows, parse_archs, plot_bench, run_bench
+
+    try:
+        _check_choice("--format", fmt, ("table", "json", "csv"))
+        rows = run_bench(parse_archs(arch), img_size=img_size, batch_size=batch_size, device=device, amp=amp,
+                         channels_last=channels_last, runs=runs, data_path=data_path, pipeline=pipeline,
+                         workers=workers, epochs=epochs, log=lambda s: err.print(escape(s)))
+        if plot is not None:
+            err.print(f"plot: {plot_bench(rows, plot)}")
+    except CnnTrainError as exc:
+        fail(exc)
+    if fmt == "table":
+        out.print(bench_table(rows))
+    else:
+        print(format_rows(rows, fmt), end="")
 
 
 # --------------------------------------------------------------------------- download-weights

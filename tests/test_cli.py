@@ -139,3 +139,11 @@ def test_models_stats_are_cached(runner, monkeypatch):
     monkeypatch.setattr(stats, "model_stats", no_recount)
     second = runner.invoke(app, ["models", "resnet1*", "--format", "json"])
     assert second.exit_code == 0 and json.loads(second.stdout) == json.loads(first.stdout)
+
+
+def test_train_help_shows_defaults(runner):
+    """Rich markup would swallow '[default: ...]' in help texts; defaults must stay visible."""
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    for text in ("(default: 0.1)", "(default: 10)", "(default: 0.01)", "(default: on where they exist)"):
+        assert text in result.output, text

@@ -1,0 +1,300 @@
+"""``cnntrain bench``: how fast is each architecture here, and how much of that does training get?
+
+For every architecture (random init, nothing downloaded) it reports parameters and GMACs (from
+``models.stats``), inference images/s at the batch size, latency at batch 1, and training-step
+images/s on random tensors already on the device: the model's ceiling. With a data folder
+(``pipeline=True``) it also times the trainer's own input pipeline alone and whole training
+epochs, so ``efficiency = end-to-end / ceiling`` says how much the data path costs.
+
+Timings use ``torch.utils.benchmark.Timer`` (which synchronises CUDA and restores thread counts);
+each is the median of ``runs`` measurements after a warm-up.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils import benchmark
+
+from cnntrain.errors import CnnTrainError, UsageError
+
+FORMATS = ("table", "json", "csv")
+Log = Callable[[str], None]
+
+
+def parse_archs(text: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``; an unknown name raises UsageError with suggestions."""
+    from cnntrain.models import get_spec
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--arch needs at least one architecture, e.g. --arch resnet18,mobilenet_v3_small")
+    for name in names:
+        get_spec(name)
+    return list(dict.fromkeys(names))
+
+
+def _median_seconds(fn: Callable[[], Any], runs: int, target: float = 0.2) -> float:
+    """Median seconds per call of ``fn`` over ``runs`` blocks, after a warm-up."""
+    fn()  # first call: allocations, cudnn autotuning, lazy init
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-6)
+    number = max(1, min(100, int(target / once)))  # cheap calls are grouped into blocks of ~target s
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return statistics.median(timer.timeit(number).median for _ in range(runs))
+
+
+def _step_fn(model: nn.Module, batch: int, size: int, num_classes: int, device: torch.device,
+             channels_last: bool, amp_dtype: torch.dtype | None, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler | None) -> Callable[[], None]:
+    x = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    criterion = nn.CrossEntropyLoss()
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else None
+
+    def step() -> None:
+        if autocast is not None:
+            with autocast():
+                loss = criterion(model(x), y)
+        else:
+            loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+    return step
+
+
+def _infer_fn(model: nn.Module, batch: int, size: int, device: torch.device, channels_last: bool,
+              amp_dtype: torch.dtype | None) -> Callable[[], None]:
+    x = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def infer() -> None:
+        if amp_dtype is not None:
+            with torch.autocast(device.type, dtype=amp_dtype):
+                model(x)
+        else:
+            model(x)
+
+    return infer
+
+
+def _make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+
+def bench_model(name: str, *, img_size: int, batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
+                channels_last: bool, runs: int, num_classes: int = 1000) -> tuple[dict[str, Any], nn.Module]:
+    """Stats and model timings of one architecture; also returns the model (for the pipeline)."""
+    from cnntrain.models import get_model, get_spec
+    from cnntrain.models.stats import count_macs, model_stats_cached
+
+    size = max(img_size, get_spec(name).min_size)
+    model = get_model(name, num_classes=num_classes, pretrained=False)
+    if num_classes == 1000:
+        stats = model_stats_cached([name], size)[name]
+        params_m, gmacs = stats["params_m"], stats["gmacs"]
+    else:  # the dataset's head: count this very model
+        params_m = sum(p.numel() for p in model.parameters()) / 1e6
+        gmacs = count_macs(model, size, device="cpu") / 1e9
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    row: dict[str, Any] = {
+        "arch": name, "device": str(device), "img_size": size, "batch_size": batch_size,
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None, "channels_last": channels_last,
+        "num_classes": num_classes, "params_m": round(params_m, 4), "gmacs": round(gmacs, 4),
+    }
+    try:
+        model.eval()
+        row["infer_images_per_s"] = batch_size / _median_seconds(
+            _infer_fn(model, batch_size, size, device, channels_last, amp_dtype), runs)
+        row["latency_ms"] = 1000 * _median_seconds(_infer_fn(model, 1, size, device, channels_last, amp_dtype), runs)
+        model.train()
+        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        step = _step_fn(model, batch_size, size, num_classes, device, channels_last, amp_dtype,
+                        _make_optimizer(model), scaler)
+        row["train_images_per_s"] = batch_size / _median_seconds(step, runs)
+    except torch.OutOfMemoryError:
+        raise CnnTrainError(f"{name}: out of memory at batch {batch_size}, {size}px; try a smaller --batch-size") from None
+    row["runs"] = runs
+    return row, model
+
+
+def _median_after_first(values: Sequence[float]) -> float:
+    """Epoch 1 includes worker start-up: the median of epochs >= 2 (epoch 1 if it is alone)."""
+    return statistics.median(values[1:]) if len(values) > 1 else values[0]
+
+
+def bench_pipeline(row: dict[str, Any], model: nn.Module, splits: Any, *, device: torch.device,
+                   amp_dtype: torch.dtype | None, channels_last: bool, workers: int, epochs: int,
+                   seed: int = 0, log: Log = lambda s: None) -> dict[str, Any]:
+    """Time the trainer's input pipeline alone, then whole training epochs, and add them to ``row``."""
+    from cnntrain.data import ImageDataset, Normalize, collate_skipping, make_loader, train_transform
+    from cnntrain.data.sampler import EpochSampler, SeededDataset
+    from cnntrain.engine import Batcher, train_one_epoch
+    from cnntrain.trainer import normalisation
+
+    batch_size, size = row["batch_size"], row["img_size"]
+    mean, std = normalisation(row["arch"])
+    batcher = Batcher(device, Normalize(mean, std).to(device), channels_last, amp_dtype)
+
+    def loader():  # exactly what fit() builds for training, fresh workers each time
+        sampler = EpochSampler(splits.train, shuffle=True, seed=seed)
+        dataset = SeededDataset(ImageDataset(splits.train, train_transform(size), skip_unreadable=True))
+        drop_last = len(splits.train) % batch_size == 1
+        return sampler, make_loader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, workers=workers,
+                                    device=device, seed=seed, drop_last=drop_last, collate_fn=collate_skipping)
+
+    sampler, data_loader = loader()
+    data_rates = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        seen, start = 0, time.perf_counter()
+        for images, targets, _ in data_loader:
+            if targets.numel():
+                images, targets = batcher(images, targets)
+                seen += targets.numel()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        data_rates.append(seen / max(time.perf_counter() - start, 1e-9))
+        log(f"{row['arch']}: data epoch {epoch + 1}/{epochs}: {data_rates[-1]:.1f} images/s")
+    del data_loader
+
+    sampler, train_loader = loader()
+    optimizer = _make_optimizer(model)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    criterion = nn.CrossEntropyLoss()
+    train_rates = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        totals = train_one_epoch(model, train_loader, optimizer, criterion, batcher, epoch=epoch, scaler=scaler)
+        train_rates.append(totals.summary()["images_per_s"])
+        log(f"{row['arch']}: training epoch {epoch + 1}/{epochs}: {train_rates[-1]:.1f} images/s")
+    e2e = _median_after_first(train_rates)
+    row.update({
+        "images": len(splits.train), "workers": workers, "epochs": epochs,
+        "data_images_per_s": _median_after_first(data_rates), "data_epoch_images_per_s": data_rates,
+        "epoch_images_per_s": train_rates, "e2e_images_per_s": e2e,
+        "efficiency": e2e / row["train_images_per_s"],
+    })
+    return row
+
+
+def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32, device: str = "auto",
+              amp: bool | None = None, channels_last: bool | None = None, runs: int = 5,
+              data_path: str | os.PathLike | None = None, pipeline: bool = False, workers: int | None = None,
+              epochs: int = 2, log: Log = lambda s: None) -> list[dict[str, Any]]:
+    """Benchmark ``archs``; one dict per architecture (see the module docstring)."""
+    from cnntrain.data import default_workers, load_folder
+    from cnntrain.trainer import amp_dtype_for, resolve_device
+
+    if batch_size < 2:
+        raise UsageError("--batch-size must be at least 2 (a training step needs BatchNorm statistics)")
+    if img_size < 16:
+        raise UsageError("--img-size must be at least 16")
+    if runs < 1 or epochs < 1:
+        raise UsageError("--runs and --epochs must be at least 1")
+    if workers is not None and workers < 0:
+        raise UsageError("--workers cannot be negative")
+    if pipeline and data_path is None:
+        raise UsageError("--pipeline needs --data-path DIR (an ImageFolder root)")
+    dev = resolve_device(device)
+    amp_dtype = amp_dtype_for(dev, amp)
+    channels_last = dev.type == "cuda" if channels_last is None else channels_last
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    splits = None
+    if pipeline:
+        splits = load_folder(data_path, val_split=0)
+        if len(splits.train) < 2:
+            raise UsageError(f"{data_path}: only {len(splits.train)} image(s); the pipeline benchmark needs at least 2")
+    rows = []
+    for name in archs:
+        log(f"benchmarking {name} on {dev} ...")
+        num_classes = splits.num_classes if splits is not None else 1000
+        row, model = bench_model(name, img_size=img_size, batch_size=batch_size, device=dev, amp_dtype=amp_dtype,
+                                 channels_last=channels_last, runs=runs, num_classes=num_classes)
+        if splits is not None:
+            bench_pipeline(row, model, splits, device=dev, amp_dtype=amp_dtype, channels_last=channels_last,
+                           workers=default_workers() if workers is None else workers, epochs=epochs, log=log)
+        rows.append(row)
+        del model
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
+    """``json`` (a list of dicts) or ``csv`` (a header, one row per architecture; lists joined by ';')."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ";".join(f"{v:.4g}" for v in val) if isinstance(val, list) else val
+                         for k, val in r.items()})
+    return buf.getvalue()
+
+
+def bench_table(rows: list[dict[str, Any]]):
+    """A rich Table of the results."""
+    from rich.table import Table
+
+    first = rows[0]
+    amp = first["amp"] or "off"
+    table = Table(title=f"{first['device']}, {first['img_size']}px, batch {first['batch_size']}, amp {amp}, "
+                        f"channels_last {'on' if first['channels_last'] else 'off'}")
+    cols = [("arch", "arch", "{}"), ("params (M)", "params_m", "{:.2f}"), ("GMACs", "gmacs", "{:.3f}"),
+            ("infer img/s", "infer_images_per_s", "{:.1f}"), ("latency (ms)", "latency_ms", "{:.2f}"),
+            ("train img/s", "train_images_per_s", "{:.1f}")]
+    if "efficiency" in first:
+        cols += [("data img/s", "data_images_per_s", "{:.1f}"), ("epochs img/s", "epoch_images_per_s", None),
+                 ("end-to-end img/s", "e2e_images_per_s", "{:.1f}"), ("efficiency", "efficiency", "{:.0%}")]
+    for title, _, _ in cols:
+        table.add_column(title, justify="left" if title == "arch" else "right")
+    for r in rows:
+        table.add_row(*(", ".join(f"{v:.1f}" for v in r[key]) if fmt is None else fmt.format(r[key])
+                        for _, key, fmt in cols))
+    return table
+
+
+def plot_bench(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Scatter of GMACs (x) against training images/s (y), one labelled point per architecture."""
+    from cnntrain.plots import _new_figure, _save_png
+
+    fig = _new_figure(7, 5)
+    ax = fig.add_subplot()
+    xs, ys = [r["gmacs"] for r in rows], [r["train_images_per_s"] for r in rows]
+    ax.scatter(xs, ys, s=36, color="tab:blue", zorder=3)
+    for r, x, y in zip(rows, xs, ys):
+        ax.annotate(r["arch"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    first = rows[0]
+    ax.set_xlabel(f"GMACs at {first['img_size']}px")
+    ax.set_ylabel("training images/s")
+    ax.set_title(f"training step throughput on {first['device']} (batch {first['batch_size']})")
+    ax.grid(True, alpha=0.3)
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0, right=max(xs) * 1.25 if max(xs) > 0 else 1)
+    return _save_png(fig, path)

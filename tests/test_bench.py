@@ -1,0 +1,88 @@
+"""`cnntrain bench`: structure and sanity only, never timing thresholds (CI machines vary)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+from conftest import make_image_folder
+from PIL import Image
+
+from cnntrain.cli import app
+from cnntrain.models.stats import model_stats
+
+TINY = ["shufflenet_v2_x0_5", "squeezenet1_1"]
+FAST = ["--img-size", "64", "--batch-size", "4", "--runs", "1", "--device", "cpu"]
+MODEL_FIELDS = ("params_m", "gmacs", "infer_images_per_s", "latency_ms", "train_images_per_s")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models time faster on one thread, and a busy 2-core box can stall OpenMP badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _json(result) -> list[dict]:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_bench_json_fields_and_stats(runner, tmp_path):
+    plot = tmp_path / "sub" / "bench.png"
+    result = runner.invoke(app, ["bench", "--arch", ",".join(TINY), *FAST, "--format", "json", "--plot", str(plot)])
+    rows = _json(result)
+    assert [r["arch"] for r in rows] == TINY
+    for row in rows:
+        for key in MODEL_FIELDS:
+            assert row[key] > 0, (row["arch"], key)
+        stats = model_stats(row["arch"], 64)
+        assert row["gmacs"] == pytest.approx(stats["gmacs"], abs=1e-4)
+        assert row["params_m"] == pytest.approx(stats["params_m"], abs=1e-4)
+        assert row["device"] == "cpu" and row["amp"] is None and row["channels_last"] is False
+        assert row["img_size"] == 64 and row["batch_size"] == 4
+    with Image.open(plot) as img:
+        assert img.format == "PNG" and img.size[0] > 100
+    assert not list(plot.parent.glob(".*.tmp"))
+
+
+def test_bench_csv_and_table(runner):
+    result = runner.invoke(app, ["bench", "--arch", ",".join(TINY), *FAST, "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["arch"] for r in rows] == TINY
+    assert all(float(r["train_images_per_s"]) > 0 for r in rows)
+
+    table = runner.invoke(app, ["bench", "--arch", TINY[1], *FAST])
+    assert table.exit_code == 0, table.output
+    assert TINY[1] in table.stdout and "train img/s" in table.stdout
+
+
+def test_bench_pipeline(runner, tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=6, size=40)
+    result = runner.invoke(app, ["bench", "--pipeline", "--data-path", str(data), "--arch", TINY[0], *FAST,
+                                 "--workers", "0", "--epochs", "2", "--format", "json"])
+    (row,) = _json(result)
+    assert row["num_classes"] == 3 and row["images"] == 18 and row["workers"] == 0
+    assert len(row["epoch_images_per_s"]) == 2 and len(row["data_epoch_images_per_s"]) == 2
+    for key in (*MODEL_FIELDS, "data_images_per_s", "e2e_images_per_s", "efficiency"):
+        assert row[key] > 0, key
+    assert row["e2e_images_per_s"] == pytest.approx(row["epoch_images_per_s"][1])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "resnt18"], "did you mean"),
+    (["--arch", "resnet18", "--pipeline"], "--data-path"),
+    (["--arch", "resnet18", "--format", "xml"], "--format"),
+    (["--arch", "resnet18", "--batch-size", "1"], "--batch-size"),
+])
+def test_bench_usage_errors(runner, args, message):
+    result = runner.invoke(app, ["bench", *args, "--device", "cpu"])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
