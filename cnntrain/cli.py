@@ -118,6 +118,7 @@ def train(
     weights: Annotated[Optional[Path], Opt(help="Start from a cnntrain checkpoint or a plain state dict.", rich_help_panel="Model")] = None,
     freeze_layers: Annotated[Optional[bool], Opt("--freeze-layers/--no-freeze-layers", help="Train only the classifier head.", rich_help_panel="Model")] = None,
     unfreeze_epoch: Annotated[Optional[int], Opt(help="With --freeze-layers: unfreeze everything from this epoch on (1-based).", rich_help_panel="Model")] = None,
+    feature_cache: Annotated[Optional[bool], Opt("--feature-cache/--no-feature-cache", help="With --freeze-layers and --aug none, run the backbone once and train the head on cached features (default: on).", rich_help_panel="Model")] = None,
     epochs: Annotated[Optional[int], Opt(help="(default: 10)", rich_help_panel="Optimisation")] = None,
     batch_size: Annotated[Optional[int], Opt(help="(default: 32)", rich_help_panel="Optimisation")] = None,
     opt: Annotated[Optional[str], Opt(help="sgd, adamw or adam (default: sgd).", rich_help_panel="Optimisation")] = None,

@@ -39,6 +39,7 @@ class TrainConfig:
     weights: str | None = None
     freeze_layers: bool = False
     unfreeze_epoch: int | None = None
+    feature_cache: bool = True  # frozen backbone + --aug none: compute its features once
     # optimisation
     epochs: int = 10
     batch_size: int = 32

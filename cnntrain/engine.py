@@ -30,16 +30,19 @@ class NonFiniteLossError(CnnTrainError):
 
 @dataclass
 class Batcher:
-    """Moves a uint8 batch to the device and turns it into the model's float input."""
+    """Moves a uint8 batch to the device and turns it into the model's float input
+    (``normalize=None``: inputs that are already features, moved as they are)."""
 
     device: torch.device
-    normalize: Normalize
+    normalize: Normalize | None
     channels_last: bool = False
     amp_dtype: torch.dtype | None = None
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         non_blocking = self.device.type == "cuda"
-        images = self.normalize(images.to(self.device, non_blocking=non_blocking))
+        images = images.to(self.device, non_blocking=non_blocking)
+        if self.normalize is not None:
+            images = self.normalize(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets.to(self.device, non_blocking=non_blocking)

@@ -49,6 +49,7 @@ from cnntrain.data import (
 from cnntrain.data.sampler import EpochSampler, SeededDataset
 from cnntrain.engine import Batcher, EpochTotals, evaluate, train_one_epoch
 from cnntrain.errors import CheckpointError, CnnTrainError, DataError, UsageError
+from cnntrain.features import FeatureDataset, extract_features, head_reproduces_model
 from cnntrain.models import build_model, find_head, freeze_backbone, get_spec
 from cnntrain.models.heads import keep_frozen_bn_eval, unfreeze
 from cnntrain.optim import build_optimizer, build_scheduler
@@ -309,6 +310,9 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest) -> TrainResult
                                  batch_size=cfg.batch_size, shuffle=False, workers=workers, device=device,
                                  seed=cfg.seed, collate_fn=collate_skipping)
     batcher = Batcher(device, Normalize(mean, std).to(device), channels_last, amp_dtype)
+    features = None
+    if frozen and cfg.feature_cache and deterministic_train:
+        features = cached_features(model, head, splits, val_loader, batcher, cfg, workers, device, reporter)
 
     write_text(run_dir / "config.yaml", save_yaml(cfg))
     write_text(run_dir / "class_indices.json", json.dumps({str(i): c for i, c in enumerate(classes)}, indent=2))
@@ -328,12 +332,17 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest) -> TrainResult
             reporter.info(f"epoch {shown}: unfreezing all layers")
         totals = EpochTotals(**partial) if partial else EpochTotals()
         partial = None
-        sampler.set_epoch(epoch, skip=totals.batches * cfg.batch_size)
         lr = optimizer.param_groups[0]["lr"]
+        # While the backbone is frozen and its features are cached, only the head runs.
+        phase = features if (frozen and features is not None) else None
+        net, loader, batch_to = (phase.head, phase.train, phase.batcher) if phase else (train_model, train_loader, batcher)
+        phase_sampler = phase.sampler if phase else sampler
+        phase_sampler.set_epoch(epoch, skip=totals.batches * cfg.batch_size)
         with reporter.bar(f"train epoch[{shown}/{cfg.epochs}]", len(splits.train)) as on_step:
             totals = train_one_epoch(
-                train_model, train_loader, optimizer, criterion, batcher, epoch=shown, scaler=scaler,
-                clip_grad=cfg.clip_grad, prepare_model=(lambda m: keep_frozen_bn_eval(m, head)) if frozen else None,
+                net, loader, optimizer, criterion, batch_to, epoch=shown, scaler=scaler,
+                clip_grad=cfg.clip_grad,
+                prepare_model=(lambda m: keep_frozen_bn_eval(m, head)) if frozen and not phase else None,
                 on_step=on_step, totals=totals, should_stop=lambda: bool(stop),
             )
         if totals.interrupted:
@@ -348,7 +357,10 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest) -> TrainResult
         val: dict[str, Any] = {}
         if val_loader is not None:
             with reporter.bar(f"valid epoch[{shown}/{cfg.epochs}]", len(splits.val)) as on_step:
-                val = evaluate(train_model, val_loader, criterion, batcher, len(classes), on_step=on_step)
+                if phase:
+                    val = evaluate(phase.head, phase.val, criterion, phase.batcher, len(classes), on_step=on_step)
+                else:
+                    val = evaluate(train_model, val_loader, criterion, batcher, len(classes), on_step=on_step)
         scheduler.step()
         row = {
             "epoch": shown, "train_loss": train["loss"], "train_acc": train["acc"],
@@ -379,8 +391,48 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest) -> TrainResult
     result = TrainResult(run_dir=run_dir, best_epoch=best_epoch, best_metric=best_metric, monitor=monitor,
                          epochs_run=len(history), seconds=time.perf_counter() - started,
                          stopped_early=stopped_early, history=history)
-    _finish(result, model, val_loader, criterion, batcher, classes, splits, cfg)
+    # Still frozen with cached features: the best head scores on them exactly as through the model.
+    scorer = (features.head, features.val, features.batcher) if frozen and features is not None else (
+        model, val_loader, batcher)
+    _finish(result, model, scorer, criterion, classes, splits, cfg)
     return result
+
+
+@dataclass
+class FeaturePhase:
+    """Loaders over cached backbone features, and the head that trains on them."""
+
+    head: nn.Module
+    train: Any
+    val: Any
+    sampler: EpochSampler
+    batcher: Batcher
+
+
+def cached_features(model: nn.Module, head: str, splits: DatasetSplits, val_loader: Any, batcher: Batcher,
+                    cfg: TrainConfig, workers: int, device: torch.device, reporter: Reporter) -> FeaturePhase | None:
+    """Run the frozen backbone once over train and val (see ``cnntrain.features``)."""
+    probe = next(iter(make_loader(ImageDataset(splits.train[:2], eval_transform(cfg.img_size)), batch_size=2,
+                                  shuffle=False, workers=0)))[0]
+    if not head_reproduces_model(model, head, batcher(probe, torch.zeros(len(probe)))[0]):
+        reporter.info(f"feature cache: {cfg.arch} has layers after its head `{head}`; training through the full model")
+        return None
+    started = time.perf_counter()
+    extract = make_loader(ImageDataset(splits.train, eval_transform(cfg.img_size), skip_unreadable=True),
+                          batch_size=cfg.batch_size, shuffle=False, workers=workers, device=device,
+                          collate_fn=collate_skipping)
+    train_x, train_y = extract_features(model, head, extract, batcher)
+    val_x, val_y = extract_features(model, head, val_loader, batcher) if val_loader is not None else (None, None)
+    mb = (train_x.numel() + (val_x.numel() if val_x is not None else 0)) * 4 / 1e6
+    reporter.info(f"feature cache: backbone ran once over {len(train_y)} train + {len(val_y) if val_y is not None else 0} "
+                  f"val images in {time.perf_counter() - started:.1f}s ({mb:.0f} MB); the head trains on cached features")
+    sampler = EpochSampler(train_y, shuffle=True, seed=cfg.seed)
+    train = make_loader(FeatureDataset(train_x, train_y), batch_size=cfg.batch_size, shuffle=False, sampler=sampler,
+                        workers=0, device=device, drop_last=len(train_y) % cfg.batch_size == 1)
+    val = (make_loader(FeatureDataset(val_x, val_y), batch_size=cfg.batch_size, shuffle=False, workers=0, device=device)
+           if val_x is not None else None)
+    return FeaturePhase(head=model.get_submodule(head), train=train, val=val, sampler=sampler,
+                        batcher=Batcher(device, None, False, batcher.amp_dtype))
 
 
 def write_text(path: Path, text: str) -> None:
@@ -391,9 +443,10 @@ def write_text(path: Path, text: str) -> None:
         raise CheckpointError(f"could not write {path}: {exc.strerror or exc}; the previous file is unchanged") from None
 
 
-def _finish(result: TrainResult, model: nn.Module, val_loader, criterion, batcher: Batcher,
+def _finish(result: TrainResult, model: nn.Module, scorer: tuple[nn.Module, Any, Batcher], criterion: nn.Module,
             classes: list[str], splits: DatasetSplits, cfg: TrainConfig) -> None:
-    """Plots and summary.json, from the best weights."""
+    """Plots and summary.json, from the best weights (``scorer``: network, val loader, batcher)."""
+    net, val_loader, batcher = scorer
     from cnntrain.plots import plot_confusion_matrix, plot_learning_curves
 
     run_dir = result.run_dir
@@ -401,7 +454,7 @@ def _finish(result: TrainResult, model: nn.Module, val_loader, criterion, batche
     best_val: dict[str, Any] = {}
     if val_loader is not None and (run_dir / "best.pt").is_file():
         model.load_state_dict(checkpoint.load(run_dir / "best.pt")["model"])
-        best_val = evaluate(model, val_loader, criterion, batcher, len(classes))
+        best_val = evaluate(net, val_loader, criterion, batcher, len(classes))
         plot_confusion_matrix(best_val["confusion"].matrix, classes, run_dir / "confusion_matrix.png")
     summary = {
         "arch": cfg.arch,

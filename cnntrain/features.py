@@ -1,0 +1,77 @@
+"""Frozen-backbone feature cache: run the backbone once, then train the head on its output.
+
+With ``--freeze-layers`` and a deterministic training transform (``--aug none``) the input of
+the head cannot change between epochs, so pushing every image through the whole network
+again is waste. The features are captured by a hook on the head (so this works for every
+family without knowing its layout) and kept in memory; the head trains on them with the same
+engine loops. The trained head stays inside the full model, so checkpoints are complete and
+``predict``/``eval`` need nothing special.
+
+Trade-off: features are taken in eval mode, so dropout placed *before* the head (MobileNet,
+EfficientNet, VGG) does not act during the cached phase.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from cnntrain.engine import Batcher, unpack
+
+
+class FeatureDataset(Dataset):
+    """Cached ``(feature, label)`` pairs; accepts the sampler's ``(seed, index)`` keys too."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index = key[1] if isinstance(key, tuple) else key
+        return self.features[index], int(self.labels[index])
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, head: str, loader: Iterable, batcher: Batcher) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's input for every sample of ``loader`` (in loader order), on the CPU."""
+    captured: list[torch.Tensor] = []
+    hook = model.get_submodule(head).register_forward_pre_hook(
+        lambda module, args: captured.append(args[0].detach().float().cpu()))
+    labels: list[torch.Tensor] = []
+    model.eval()
+    try:
+        for batch in loader:
+            images, targets, _ = unpack(batch)
+            if targets.numel() == 0:
+                continue
+            images, _ = batcher(images, targets)
+            with batcher.autocast():
+                model(images)
+            labels.append(targets.cpu())
+    finally:
+        hook.remove()
+    if not labels:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.cat(captured), torch.cat(labels)
+
+
+@torch.no_grad()
+def head_reproduces_model(model: nn.Module, head: str, images: torch.Tensor) -> bool:
+    """True when the model's output is exactly its head applied to the captured input, i.e.
+    nothing (pooling, activation) follows the head; else the cache cannot be used."""
+    captured: list[torch.Tensor] = []
+    module = model.get_submodule(head)
+    hook = module.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    model.eval()
+    try:
+        out = model(images)
+    finally:
+        hook.remove()
+    return len(captured) == 1 and out.shape == module(captured[0]).shape and torch.allclose(
+        out, module(captured[0]), atol=1e-5)
