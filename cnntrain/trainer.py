@@ -49,7 +49,7 @@ from cnntrain.data import (
 from cnntrain.data.sampler import EpochSampler, SeededDataset
 from cnntrain.engine import Batcher, EpochTotals, evaluate, train_one_epoch
 from cnntrain.errors import CheckpointError, CnnTrainError, DataError, UsageError
-from cnntrain.features import FeatureDataset, extract_features, head_reproduces_model
+from cnntrain.features import cached_features
 from cnntrain.models import build_model, find_head, freeze_backbone, get_spec
 from cnntrain.models.heads import keep_frozen_bn_eval, unfreeze
 from cnntrain.optim import build_optimizer, build_scheduler
@@ -396,43 +396,6 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest) -> TrainResult
         model, val_loader, batcher)
     _finish(result, model, scorer, criterion, classes, splits, cfg)
     return result
-
-
-@dataclass
-class FeaturePhase:
-    """Loaders over cached backbone features, and the head that trains on them."""
-
-    head: nn.Module
-    train: Any
-    val: Any
-    sampler: EpochSampler
-    batcher: Batcher
-
-
-def cached_features(model: nn.Module, head: str, splits: DatasetSplits, val_loader: Any, batcher: Batcher,
-                    cfg: TrainConfig, workers: int, device: torch.device, reporter: Reporter) -> FeaturePhase | None:
-    """Run the frozen backbone once over train and val (see ``cnntrain.features``)."""
-    probe = next(iter(make_loader(ImageDataset(splits.train[:2], eval_transform(cfg.img_size)), batch_size=2,
-                                  shuffle=False, workers=0)))[0]
-    if not head_reproduces_model(model, head, batcher(probe, torch.zeros(len(probe)))[0]):
-        reporter.info(f"feature cache: {cfg.arch} has layers after its head `{head}`; training through the full model")
-        return None
-    started = time.perf_counter()
-    extract = make_loader(ImageDataset(splits.train, eval_transform(cfg.img_size), skip_unreadable=True),
-                          batch_size=cfg.batch_size, shuffle=False, workers=workers, device=device,
-                          collate_fn=collate_skipping)
-    train_x, train_y = extract_features(model, head, extract, batcher)
-    val_x, val_y = extract_features(model, head, val_loader, batcher) if val_loader is not None else (None, None)
-    mb = (train_x.numel() + (val_x.numel() if val_x is not None else 0)) * 4 / 1e6
-    reporter.info(f"feature cache: backbone ran once over {len(train_y)} train + {len(val_y) if val_y is not None else 0} "
-                  f"val images in {time.perf_counter() - started:.1f}s ({mb:.0f} MB); the head trains on cached features")
-    sampler = EpochSampler(train_y, shuffle=True, seed=cfg.seed)
-    train = make_loader(FeatureDataset(train_x, train_y), batch_size=cfg.batch_size, shuffle=False, sampler=sampler,
-                        workers=0, device=device, drop_last=len(train_y) % cfg.batch_size == 1)
-    val = (make_loader(FeatureDataset(val_x, val_y), batch_size=cfg.batch_size, shuffle=False, workers=0, device=device)
-           if val_x is not None else None)
-    return FeaturePhase(head=model.get_submodule(head), train=train, val=val, sampler=sampler,
-                        batcher=Batcher(device, None, False, batcher.amp_dtype))
 
 
 def write_text(path: Path, text: str) -> None:
