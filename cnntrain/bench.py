@@ -282,9 +282,9 @@ def bench_table(rows: list[dict[str, Any]]):
 
 def plot_bench(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Scatter of GMACs (x) against training images/s (y), one labelled point per architecture."""
-    from cnntrain.plots import _new_figure, _save_png
+    from cnntrain.plots import new_figure, save_png
 
-    fig = _new_figure(7, 5)
+    fig = new_figure(7, 5)
     ax = fig.add_subplot()
     xs, ys = [r["gmacs"] for r in rows], [r["train_images_per_s"] for r in rows]
     ax.scatter(xs, ys, s=36, color="tab:blue", zorder=3)
@@ -297,4 +297,4 @@ def plot_bench(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path
     ax.grid(True, alpha=0.3)
     ax.set_ylim(bottom=0)
     ax.set_xlim(left=0, right=max(xs) * 1.25 if max(xs) > 0 else 1)
-    return _save_png(fig, path)
+    return save_png(fig, path)

@@ -21,6 +21,7 @@ from cnntrain.data import (
     eval_transform,
     load_builtin,
     load_folder,
+    make_loader,
     scan_samples,
 )
 from cnntrain.engine import Batcher, evaluate
@@ -56,8 +57,6 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
     dev = resolve_device(device)
     model = checkpoint.restore_model(ckpt).to(dev)
     batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), dev.type == "cuda", amp_dtype_for(dev, None))
-    from cnntrain.data import make_loader
-
     loader = make_loader(ImageDataset(samples, eval_transform(ckpt["img_size"])), batch_size=batch_size,
                          shuffle=False, workers=default_workers() if workers is None else workers, device=dev)
     result = evaluate(model, loader, nn.CrossEntropyLoss(), batcher, len(ckpt["classes"]))

@@ -1,4 +1,4 @@
-"""Classification metrics: top-k, confusion matrix, per-class precision/recall/F1, running averages.
+"""Classification metrics: top-k, confusion matrix, per-class precision/recall/F1.
 
 Everything here is a plain function or a small accumulator over torch tensors, with no globals,
 so the engine can use it per batch, the trainer can sum it across ranks (the state is exposed
@@ -9,15 +9,13 @@ written as strict JSON and compared without special cases.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "ConfusionMatrix",
-    "RunningMeter",
     "classification_report",
     "topk_correct",
 ]
@@ -179,60 +177,3 @@ def classification_report(
             }
             rows.append({"class": label, **avg, "support": total})
     return rows
-
-
-class RunningMeter:
-    """Sample-weighted running loss and accuracy, plus samples per second, for one epoch.
-
-    Feed it sums (``loss * batch_size``, number correct, batch size), not per-batch means, so
-    a short last batch weighs what it should. ``loss_sum``, ``correct`` and ``count`` are
-    plain attributes: the engine can pack them into one tensor to sum across ranks.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
-        self._clock = clock
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum = 0.0
-        self.correct = 0
-        self.count = 0
-        self.start = self._clock()
-
-    def update(self, loss_sum: float, correct: int, n: int) -> None:
-        """Add one batch of ``n`` samples (``float()`` of a device tensor synchronises)."""
-        if n < 0:
-            raise ValueError(f"sample count must be >= 0, got {n}")
-        self.loss_sum += float(loss_sum)
-        self.correct += int(correct)
-        self.count += int(n)
-
-    def merge(self, other: RunningMeter) -> None:
-        self.update(other.loss_sum, other.correct, other.count)
-
-    @property
-    def loss(self) -> float:
-        """Mean loss per sample; 0.0 before any sample."""
-        return self.loss_sum / self.count if self.count else 0.0
-
-    @property
-    def acc(self) -> float:
-        """Fraction correct (0..1); 0.0 before any sample."""
-        return self.correct / self.count if self.count else 0.0
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds since construction or the last ``reset``."""
-        return self._clock() - self.start
-
-    @property
-    def throughput(self) -> float:
-        """Samples per second since construction or the last ``reset``."""
-        elapsed = self.elapsed
-        return self.count / elapsed if elapsed > 0 else 0.0
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {"loss": self.loss, "acc": self.acc, "count": self.count, "throughput": self.throughput}
-
-    def __repr__(self) -> str:
-        return f"RunningMeter(loss={self.loss:.4f}, acc={self.acc:.4f}, count={self.count})"

@@ -28,13 +28,13 @@ LABEL_MAX_CLASSES = 100  # above this, tick labels overlap whatever the font siz
 MARKER_MAX_EPOCHS = 50  # markers make a 1-epoch run visible, but clutter long ones
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     """Render to a hidden temp file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def plot_learning_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
     epochs = np.where(np.isnan(epochs), np.arange(1, len(rows) + 1), epochs)
     marker = "o" if len(rows) <= MARKER_MAX_EPOCHS else None
 
-    fig = _new_figure(11, 4.2)
+    fig = new_figure(11, 4.2)
     ax_loss, ax_acc = fig.subplots(1, 2)
     panels = ((ax_loss, "loss", 1.0, "Loss"), (ax_acc, "acc", 100.0, "Accuracy (%)"))
     for ax, metric, scale, ylabel in panels:
@@ -98,7 +98,7 @@ def plot_learning_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
         best = int(np.nanargmax(val_acc))
         ax_acc.plot(epochs[best], val_acc[best], marker="*", markersize=12, color="tab:red", linestyle="none")
         ax_acc.set_title(f"Accuracy (best val {val_acc[best]:.2f}% at epoch {epochs[best]:g})")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_confusion_matrix(
@@ -131,7 +131,7 @@ def plot_confusion_matrix(
         title = "Confusion matrix (normalised by true class)" if normalize else "Confusion matrix"
 
     side = min(max(5.0, 0.45 * n + 3.0), 30.0)
-    fig = _new_figure(side + 1.2, side)
+    fig = new_figure(side + 1.2, side)
     ax = fig.subplots()
     image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
     # No fraction=/pad= here: under constrained layout they push the y label off the canvas.
@@ -158,4 +158,4 @@ def plot_confusion_matrix(
                 text = f"{v:.2f}" if normalize else f"{int(round(v))}"
                 colour = "white" if v > threshold else "black"
                 ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8)
-    return _save_png(fig, path)
+    return save_png(fig, path)

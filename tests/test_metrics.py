@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from cnntrain.metrics import ConfusionMatrix, RunningMeter, classification_report, topk_correct
+from cnntrain.metrics import ConfusionMatrix, classification_report, topk_correct
 
 
 def test_topk_correct_hand_example():
@@ -144,28 +144,3 @@ def test_classification_report_rows():
 
     with pytest.raises(ValueError):
         classification_report(_example(), ["cat", "dog"])
-
-
-def test_running_meter_weights_by_samples():
-    ticks = iter([10.0, 12.0])
-    meter = RunningMeter(clock=lambda: next(ticks))
-    assert (meter.loss, meter.acc, meter.count) == (0.0, 0.0, 0)
-    meter.update(loss_sum=2.0 * 32, correct=16, n=32)  # mean loss 2.0, acc 0.5
-    meter.update(loss_sum=1.0 * 8, correct=8, n=8)  # short last batch: mean loss 1.0, acc 1.0
-    assert meter.count == 40
-    assert meter.loss == pytest.approx(72 / 40)  # not (2.0 + 1.0) / 2
-    assert meter.acc == pytest.approx(24 / 40)
-    assert meter.throughput == pytest.approx(40 / 2.0)
-
-
-def test_running_meter_merge_reset_and_tensor_input():
-    a, b = RunningMeter(), RunningMeter()
-    a.update(torch.tensor(3.0), torch.tensor(2), 4)
-    b.update(1.0, 1, 2)
-    a.merge(b)
-    assert (a.loss_sum, a.correct, a.count) == (4.0, 3, 6)
-    assert set(a.as_dict()) == {"loss", "acc", "count", "throughput"}
-    a.reset()
-    assert a.count == 0
-    with pytest.raises(ValueError):
-        a.update(0.0, 0, -1)

@@ -48,10 +48,6 @@ def replace_head(model: nn.Module, old_classes: int, num_classes: int) -> str:
     return name
 
 
-def head_parameters(model: nn.Module, head: str) -> list[nn.Parameter]:
-    return list(model.get_submodule(head).parameters())
-
-
 def freeze_backbone(model: nn.Module, head: str) -> None:
     """Train only ``head``; pair with ``keep_frozen_bn_eval`` so BatchNorm statistics stay fixed too."""
     for name, param in model.named_parameters():
