@@ -4,7 +4,9 @@ For every architecture (random init, nothing downloaded) it reports parameters a
 ``models.stats``), inference images/s at the batch size, latency at batch 1, and training-step
 images/s on random tensors already on the device: the model's ceiling. With a data folder
 (``pipeline=True``) it also times the trainer's own input pipeline alone and whole training
-epochs, so ``efficiency = end-to-end / ceiling`` says how much the data path costs.
+epochs, so ``efficiency = end-to-end / ceiling`` says how much the data path costs; ``cache``
+(``auto``, ``ram``, ``disk`` or ``none``, as ``train --cache``) says whether the pipeline reads
+decoded images from the image cache, so the two can be compared.
 
 Timings use ``torch.utils.benchmark.Timer`` (which synchronises CUDA and restores thread counts);
 each is the median of ``runs`` measurements after a warm-up.
@@ -149,8 +151,12 @@ def _median_after_first(values: Sequence[float]) -> float:
 
 def bench_pipeline(row: dict[str, Any], model: nn.Module, splits: Any, *, device: torch.device,
                    amp_dtype: torch.dtype | None, channels_last: bool, workers: int, epochs: int,
-                   seed: int = 0, log: Log = lambda s: None) -> dict[str, Any]:
-    """Time the trainer's input pipeline alone, then whole training epochs, and add them to ``row``."""
+                   seed: int = 0, image_cache: Any = None, log: Log = lambda s: None) -> dict[str, Any]:
+    """Time the trainer's input pipeline alone, then whole training epochs, and add them to ``row``.
+
+    ``image_cache``: an :class:`~cnntrain.data.imagecache.ImageCache` of ``splits.train`` to read
+    decoded images from, as ``fit`` does (None: decode every file every epoch).
+    """
     from cnntrain.data import ImageDataset, Normalize, collate_skipping, make_loader, train_transform
     from cnntrain.data.sampler import EpochSampler, SeededDataset
     from cnntrain.engine import Batcher, train_one_epoch
@@ -162,7 +168,8 @@ def bench_pipeline(row: dict[str, Any], model: nn.Module, splits: Any, *, device
 
     def loader():  # exactly what fit() builds for training, fresh workers each time
         sampler = EpochSampler(splits.train, shuffle=True, seed=seed)
-        dataset = SeededDataset(ImageDataset(splits.train, train_transform(size), skip_unreadable=True))
+        dataset = SeededDataset(ImageDataset(splits.train, train_transform(size), skip_unreadable=True,
+                                             cache=image_cache))
         drop_last = len(splits.train) % batch_size == 1
         return sampler, make_loader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, workers=workers,
                                     device=device, seed=seed, drop_last=drop_last, collate_fn=collate_skipping)
@@ -195,6 +202,7 @@ def bench_pipeline(row: dict[str, Any], model: nn.Module, splits: Any, *, device
     e2e = _median_after_first(train_rates)
     row.update({
         "images": len(splits.train), "workers": workers, "epochs": epochs,
+        "cache": image_cache.mode if image_cache is not None else "none",
         "data_images_per_s": _median_after_first(data_rates), "data_epoch_images_per_s": data_rates,
         "epoch_images_per_s": train_rates, "e2e_images_per_s": e2e,
         "efficiency": e2e / row["train_images_per_s"],
@@ -205,10 +213,13 @@ def bench_pipeline(row: dict[str, Any], model: nn.Module, splits: Any, *, device
 def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32, device: str = "auto",
               amp: bool | None = None, channels_last: bool | None = None, runs: int = 5,
               data_path: str | os.PathLike | None = None, pipeline: bool = False, workers: int | None = None,
-              epochs: int = 2, log: Log = lambda s: None) -> list[dict[str, Any]]:
+              epochs: int = 2, cache: str = "auto", cache_max_gb: float | None = None,
+              log: Log = lambda s: None) -> list[dict[str, Any]]:
     """Benchmark ``archs``; one dict per architecture (see the module docstring)."""
     from cnntrain.data import default_workers, load_folder
-    from cnntrain.trainer import amp_dtype_for, resolve_device
+    from cnntrain.data.imagecache import MODES, build_image_cache
+    from cnntrain.data.transforms import CROP_RATIO
+    from cnntrain.runtime import amp_dtype_for, resolve_device
 
     if batch_size < 2:
         raise UsageError("--batch-size must be at least 2 (a training step needs BatchNorm statistics)")
@@ -220,6 +231,8 @@ def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32
         raise UsageError("--workers cannot be negative")
     if pipeline and data_path is None:
         raise UsageError("--pipeline needs --data-path DIR (an ImageFolder root)")
+    if cache not in MODES:
+        raise UsageError(f"--cache must be one of {', '.join(MODES)}, not {cache!r}")
     dev = resolve_device(device)
     amp_dtype = amp_dtype_for(dev, amp)
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
@@ -230,6 +243,8 @@ def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32
         splits = load_folder(data_path, val_split=0)
         if len(splits.train) < 2:
             raise UsageError(f"{data_path}: only {len(splits.train)} image(s); the pipeline benchmark needs at least 2")
+    workers = default_workers() if workers is None else workers
+    caches: dict[int, tuple[Any, float]] = {}  # image size -> (cache, seconds to build it)
     rows = []
     for name in archs:
         log(f"benchmarking {name} on {dev} ...")
@@ -237,8 +252,16 @@ def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32
         row, model = bench_model(name, img_size=img_size, batch_size=batch_size, device=dev, amp_dtype=amp_dtype,
                                  channels_last=channels_last, runs=runs, num_classes=num_classes)
         if splits is not None:
+            size = row["img_size"]
+            if size not in caches:
+                start = time.perf_counter()
+                built = build_image_cache(splits.train, short_side=int(size / CROP_RATIO), mode=cache,
+                                          max_gb=cache_max_gb, workers=workers, log=log)
+                caches[size] = built, time.perf_counter() - start
+            image_cache, seconds = caches[size]
             bench_pipeline(row, model, splits, device=dev, amp_dtype=amp_dtype, channels_last=channels_last,
-                           workers=default_workers() if workers is None else workers, epochs=epochs, log=log)
+                           workers=workers, epochs=epochs, image_cache=image_cache, log=log)
+            row["cache_seconds"] = seconds if image_cache is not None else 0.0
         rows.append(row)
         del model
     return rows
@@ -265,7 +288,8 @@ def bench_table(rows: list[dict[str, Any]]):
     first = rows[0]
     amp = first["amp"] or "off"
     table = Table(title=f"{first['device']}, {first['img_size']}px, batch {first['batch_size']}, amp {amp}, "
-                        f"channels_last {'on' if first['channels_last'] else 'off'}")
+                        f"channels_last {'on' if first['channels_last'] else 'off'}"
+                        + (f", image cache {first['cache']}" if "cache" in first else ""))
     cols = [("arch", "arch", "{}"), ("params (M)", "params_m", "{:.2f}"), ("GMACs", "gmacs", "{:.3f}"),
             ("infer img/s", "infer_images_per_s", "{:.1f}"), ("latency (ms)", "latency_ms", "{:.2f}"),
             ("train img/s", "train_images_per_s", "{:.1f}")]

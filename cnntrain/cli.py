@@ -35,9 +35,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(exc: CnnTrainError) -> None:
-    """One line, whatever the message carries (DataLoader workers append their traceback)."""
+    """One line, whatever the message carries (DataLoader workers append their traceback).
+
+    Under torchrun other ranks name themselves, and stay silent when stopped by a signal
+    (rank 0 already says where the run was saved)."""
+    from cnntrain.distributed import rank
+    from cnntrain.signals import Interrupted
+
     lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    err.print(f"[bold red]error:[/] {escape(lines[0])}", markup=True, highlight=False)
+    if rank() == 0:
+        err.print(f"[bold red]error:[/] {escape(lines[0])}", markup=True, highlight=False)
+    elif not isinstance(exc, Interrupted):
+        err.print(f"[bold red]error (rank {rank()}):[/] {escape(lines[0])}", markup=True, highlight=False)
     raise typer.Exit(exc.exit_code)
 
 
@@ -113,6 +122,9 @@ def train(
     aug: Annotated[Optional[str], Opt(help="Extra augmentation, comma-separated: trivialaugment, randaugment, erasing; 'none' = deterministic.", rich_help_panel="Data")] = None,
     workers: Annotated[Optional[int], Opt(help="DataLoader worker processes (default: min(8, CPUs)).", rich_help_panel="Data")] = None,
     strict: Annotated[Optional[bool], Opt("--strict/--no-strict", help="Any unreadable image is an error (default: skip them with a warning).", rich_help_panel="Data")] = None,
+    cache: Annotated[Optional[str], Opt(help="Decode each image once and keep it, resized, for every epoch: auto (RAM if it fits --cache-max-gb, else disk), ram, disk or none (default: auto).", rich_help_panel="Data")] = None,
+    cache_max_gb: Annotated[Optional[float], Opt(help="RAM budget of --cache in GB (default: a quarter of the available memory).", rich_help_panel="Data")] = None,
+    gpu_decode: Annotated[Optional[bool], Opt("--gpu-decode/--no-gpu-decode", help="On CUDA, decode and augment JPEGs on the GPU (nvjpeg) instead of in the loader workers; turns the image cache off (default: off).", rich_help_panel="Data")] = None,
     arch: Annotated[Optional[str], Opt(help="Architecture name (see `cnntrain models`) (default: resnet18).", rich_help_panel="Model")] = None,
     pretrained: Annotated[Optional[bool], Opt("--pretrained/--no-pretrained", help="Start from ImageNet weights (default: on where they exist).", rich_help_panel="Model")] = None,
     weights: Annotated[Optional[Path], Opt(help="Start from a cnntrain checkpoint or a plain state dict.", rich_help_panel="Model")] = None,
@@ -138,6 +150,9 @@ def train(
     device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N or mps (default: auto).", rich_help_panel="Hardware")] = None,
     amp: Annotated[Optional[bool], Opt("--amp/--no-amp", help="Mixed precision on CUDA (default: on).", rich_help_panel="Hardware")] = None,
     compile: Annotated[Optional[bool], Opt("--compile/--no-compile", help="torch.compile the model.", rich_help_panel="Hardware")] = None,
+    nproc: Annotated[Optional[int], Opt(help="Train data-parallel with this many processes on this machine (one per GPU), launched through torchrun; --batch-size is per process.", rich_help_panel="Hardware")] = None,
+    sync_bn: Annotated[Optional[bool], Opt("--sync-bn/--no-sync-bn", help="Distributed: BatchNorm statistics over all processes (CUDA only).", rich_help_panel="Hardware")] = None,
+    lr_scale: Annotated[Optional[str], Opt(help="Distributed: none keeps --lr as given; linear multiplies it by the number of processes (default: none).", rich_help_panel="Hardware")] = None,
     seed: Annotated[Optional[int], Opt(help="(default: 0)", rich_help_panel="Hardware")] = None,
     deterministic: Annotated[Optional[bool], Opt("--deterministic/--no-deterministic", help="Deterministic algorithms (reproducible, slower).", rich_help_panel="Hardware")] = None,
     project: Annotated[Optional[str], Opt(help="Folder for runs (default: runs).", rich_help_panel="Output")] = None,
@@ -148,8 +163,9 @@ def train(
     config: Annotated[Optional[Path], Opt("--config", help="YAML file of options; command-line flags win.", rich_help_panel="Output")] = None,
 ) -> None:
     """Train or fine-tune an architecture on an image folder or a built-in dataset."""
-    given = {k: v for k, v in locals().items() if v is not None and k != "config"}
-    from cnntrain import trainer
+    given = {k: v for k, v in locals().items() if v is not None and k not in ("config", "nproc")}
+    from cnntrain import distributed, trainer
+    from cnntrain.runtime import resolve_device
     from cnntrain.checkpoint import load as load_checkpoint
     from cnntrain.config import build_config, load_yaml
 
@@ -167,10 +183,15 @@ def train(
         elif config is not None:
             file_values, source = load_yaml(config), str(config)
         cfg = build_config(file_values, given, source=source)
+        if nproc is not None and nproc != 1 and not distributed.under_torchrun():
+            distributed.check_sync_bn(cfg.sync_bn, resolve_device(cfg.device))
+            # The ranks rerun this very command line, minus --nproc, under torchrun.
+            raise typer.Exit(distributed.launch(nproc, distributed.strip_option(sys.argv[1:], "--nproc")))
         result = trainer.fit(cfg)
     except CnnTrainError as exc:
         fail(exc)
-    _print_train_summary(result)
+    if distributed.rank() == 0:
+        _print_train_summary(result)
 
 
 def _print_train_summary(result: Any) -> None:
@@ -194,7 +215,7 @@ def _print_train_summary(result: Any) -> None:
 @app.command()
 def predict(
     inputs: Annotated[list[str], typer.Argument(help="Images, folders or globs (quote globs: 'imgs/*.jpg').")],
-    weights: Annotated[Optional[Path], Opt(help="Checkpoint (default: best.pt of runs/latest).")] = None,
+    weights: Annotated[Optional[Path], Opt(help="Checkpoint, or an export from `cnntrain export` (.onnx, or TorchScript) with its .json sidecar (default: best.pt of runs/latest).")] = None,
     topk: Annotated[int, Opt(help="Classes to show per image.")] = 5,
     fmt: Annotated[str, Opt("--format", help="table, json or csv.")] = "table",
     batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 32,
@@ -293,6 +314,8 @@ def bench(
     data_path: Annotated[Optional[Path], Opt("--data-path", "--data", help="ImageFolder root for --pipeline.")] = None,
     workers: Annotated[Optional[int], Opt(help="DataLoader workers for --pipeline (default: min(8, CPUs)).")] = None,
     epochs: Annotated[int, Opt(help="Epochs for --pipeline (epoch 1 includes worker start-up).")] = 2,
+    cache: Annotated[str, Opt(help="Decoded-image cache for --pipeline, as in train: auto, ram, disk or none.")] = "auto",
+    cache_max_gb: Annotated[Optional[float], Opt(help="RAM budget of --cache in GB (default: a quarter of the available memory).")] = None,
 ) -> None:
     """Parameters, GMACs, inference/training images/s and latency per architecture; --pipeline adds data timings."""
     from cnntrain.bench import bench_table, format_rows, parse_archs, plot_bench, run_bench
@@ -301,7 +324,8 @@ def bench(
         _check_choice("--format", fmt, ("table", "json", "csv"))
         rows = run_bench(parse_archs(arch), img_size=img_size, batch_size=batch_size, device=device, amp=amp,
                          channels_last=channels_last, runs=runs, data_path=data_path, pipeline=pipeline,
-                         workers=workers, epochs=epochs, log=lambda s: err.print(escape(s)))
+                         workers=workers, epochs=epochs, cache=cache, cache_max_gb=cache_max_gb,
+                         log=lambda s: err.print(escape(s)))
         if plot is not None:
             err.print(f"plot: {plot_bench(rows, plot)}")
     except CnnTrainError as exc:
@@ -310,6 +334,36 @@ def bench(
         out.print(bench_table(rows))
     else:
         print(format_rows(rows, fmt), end="")
+
+
+# --------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    weights: Annotated[Optional[Path], Opt(help="Checkpoint to export (default: best.pt of runs/latest).")] = None,
+    fmt: Annotated[str, Opt("--format", help="onnx or torchscript.")] = "onnx",
+    output: Annotated[Optional[Path], Opt("--output", "-o", help="Exported file (default: beside the checkpoint, best.onnx / best.torchscript.pt); the sidecar is this name + .json.")] = None,
+    dynamic_batch: Annotated[bool, Opt("--dynamic-batch", help="Accept any batch size (default: exactly 1 image per call).")] = False,
+    opset: Annotated[Optional[int], Opt(help="ONNX opset version (default: 17).")] = None,
+    project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
+) -> None:
+    """Export a checkpoint to ONNX or TorchScript (uint8 RGB in, logits out) plus a JSON sidecar; verified against PyTorch."""
+    from cnntrain.checkpoint import resolve_weights
+    from cnntrain.export import FORMATS, export_checkpoint
+
+    try:
+        _check_choice("--format", fmt, FORMATS)
+        path, was_default = resolve_weights(weights, project)
+        if was_default:
+            err.print(f"using {path} (the latest run); pass --weights to choose another")
+        result = export_checkpoint(path, fmt, output, dynamic_batch=dynamic_batch, opset=opset)
+    except CnnTrainError as exc:
+        fail(exc)
+    size_mb = result.path.stat().st_size / 1e6
+    out.print(f"exported {result.path} ({size_mb:.1f} MB, {result.seconds:.1f}s), sidecar {result.sidecar}")
+    out.print(f"verified against PyTorch on batch sizes {', '.join(map(str, result.batch_sizes))}: "
+              f"max |logit difference| {result.max_abs_diff:.2e} (allowed {result.allowed:.1e})")
 
 
 # --------------------------------------------------------------------------- download-weights

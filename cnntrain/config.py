@@ -21,6 +21,8 @@ from cnntrain.errors import UsageError
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("step", "multistep", "cosine", "none")
 AUGMENTATIONS = ("none", "trivialaugment", "randaugment", "erasing")
+CACHE_MODES = ("auto", "ram", "disk", "none")  # cnntrain.data.imagecache.MODES
+LR_SCALES = ("none", "linear")
 
 
 @dataclass
@@ -33,6 +35,9 @@ class TrainConfig:
     aug: list[str] = field(default_factory=list)
     workers: int | None = None  # None: min(8, CPU count)
     strict: bool = False  # unreadable images are an error instead of being skipped
+    cache: str = "auto"  # decoded-image cache: auto, ram, disk or none
+    cache_max_gb: float | None = None  # RAM budget of the cache; None: a quarter of available memory
+    gpu_decode: bool = False  # CUDA: decode and augment JPEGs on the GPU (the image cache is then off)
     # model
     arch: str = "resnet18"
     pretrained: bool | None = None  # None: use ImageNet weights where they exist
@@ -61,6 +66,8 @@ class TrainConfig:
     device: str = "auto"
     amp: bool | None = None  # None: on for CUDA
     compile: bool = False
+    sync_bn: bool = False  # distributed: BatchNorm statistics over all processes (CUDA)
+    lr_scale: str = "none"  # distributed: "linear" multiplies --lr by the number of processes
     seed: int = 0
     deterministic: bool = False
     # output
@@ -86,10 +93,13 @@ class TrainConfig:
              "--warmup-epochs must be smaller than --epochs"),
             (not 0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)"),
             (self.workers is not None and self.workers < 0, "--workers cannot be negative"),
+            (self.cache not in CACHE_MODES, f"--cache must be one of {', '.join(CACHE_MODES)}"),
+            (self.cache_max_gb is not None and not self.cache_max_gb > 0, "--cache-max-gb must be positive"),
             (self.unfreeze_epoch is not None and not self.freeze_layers, "--unfreeze-epoch needs --freeze-layers"),
             (self.unfreeze_epoch is not None and self.unfreeze_epoch < 1, "--unfreeze-epoch counts from 1"),
             (self.patience is not None and self.patience < 1, "--patience must be at least 1"),
             (self.weights is not None and self.pretrained is True, "--weights FILE and --pretrained conflict"),
+            (self.lr_scale not in LR_SCALES, f"--lr-scale must be one of {', '.join(LR_SCALES)}"),
         ]
         for bad, message in checks:
             if bad:

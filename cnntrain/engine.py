@@ -39,6 +39,9 @@ class Batcher:
     amp_dtype: torch.dtype | None = None
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        decode_on = getattr(images, "decode_on", None)
+        if decode_on is not None:  # --gpu-decode: JPEG bytes, decoded and augmented on the device first
+            images, targets = decode_on(self.device, targets)  # (cnntrain.data.gpu_decode.EncodedBatch)
         non_blocking = self.device.type == "cuda"
         images = images.to(self.device, non_blocking=non_blocking)
         if self.normalize is not None:
@@ -99,17 +102,42 @@ def train_one_epoch(
     on_step: StepCallback | None = None,
     totals: EpochTotals | None = None,
     should_stop: Callable[[], bool] | None = None,
+    sync_every: int = 1,
 ) -> EpochTotals:
     """Train for one pass over ``loader`` (continuing ``totals`` when resuming mid-epoch).
 
     Stops cleanly after the current step when ``should_stop()`` turns true (Ctrl-C), with
     ``interrupted`` set, so the caller can save a checkpoint that resumes exactly here.
+
+    Loss and accuracy stay on the device and are read (which waits for the GPU) every
+    ``sync_every`` steps and at the end: the loss check, progress and ``should_stop`` run
+    there. A non-finite loss raises at that point, before anything can be saved.
     """
     model.train()
     if prepare_model is not None:
         prepare_model(model)  # e.g. keep frozen BatchNorm in eval mode
     totals = totals or EpochTotals()
     start, before = time.perf_counter(), totals.seconds
+    pending: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (step, n, loss, correct), unread
+
+    def read_pending() -> None:
+        """One device sync for the steps since the last read: check, add up, report."""
+        losses = torch.stack([loss for _, _, loss, _ in pending]).float().tolist()
+        correct = torch.stack([c for _, _, _, c in pending]).tolist()
+        for (step, n, _, _), value, hits in zip(pending, losses, correct):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"loss became {value} at epoch {epoch}, step {step}: training diverged; "
+                                         "try a lower --lr (or --clip-grad)")
+            totals.loss_sum += value * n
+            totals.correct += int(hits)
+            totals.seen += n
+        totals.seconds = before + time.perf_counter() - start
+        if on_step is not None:
+            on_step({"loss": totals.loss_sum / totals.seen, "acc": totals.correct / totals.seen,
+                     "n": sum(n for _, n, _, _ in pending), "images_per_s": totals.seen / max(totals.seconds, 1e-9),
+                     "lr": optimizer.param_groups[0]["lr"]})
+        pending.clear()
+
     for batch in loader:
         images, targets, skipped = unpack(batch)
         totals.skipped.extend(skipped)
@@ -121,11 +149,9 @@ def train_one_epoch(
         with batcher.autocast():
             logits = model(images)
             loss = criterion(logits, targets)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at epoch {epoch}, step {totals.steps}: training diverged; "
-                "try a lower --lr (or --clip-grad)"
-            )
+        if sync_every <= 1 and not torch.isfinite(loss):  # cheap on the CPU: never step on a bad loss
+            raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch}, step {totals.steps}: training "
+                                     "diverged; try a lower --lr (or --clip-grad)")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -139,18 +165,14 @@ def train_one_epoch(
             if clip_grad:
                 nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
             optimizer.step()
-        n = targets.size(0)
-        totals.loss_sum += loss.item() * n
-        totals.correct += int((logits.argmax(1) == targets).sum())
-        totals.seen += n
-        totals.seconds = before + time.perf_counter() - start
-        if on_step is not None:
-            on_step({"loss": totals.loss_sum / totals.seen, "acc": totals.correct / totals.seen, "n": n,
-                     "images_per_s": totals.seen / max(totals.seconds, 1e-9),
-                     "lr": optimizer.param_groups[0]["lr"]})
-        if should_stop is not None and should_stop():
-            totals.interrupted = True
-            break
+        pending.append((totals.steps, targets.size(0), loss.detach(), (logits.argmax(1) == targets).sum()))
+        if len(pending) >= sync_every:
+            read_pending()
+            if should_stop is not None and should_stop():
+                totals.interrupted = True
+                break
+    if pending:
+        read_pending()
     totals.seconds = before + time.perf_counter() - start
     return totals
 
@@ -164,8 +186,13 @@ def evaluate(
     num_classes: int,
     *,
     on_step: StepCallback | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, object]:
-    """Loss, top-1, top-5 and the confusion matrix over ``loader`` (every sample counted once)."""
+    """Loss, top-1, top-5 and the confusion matrix over ``loader`` (every sample counted once).
+
+    ``reduce`` sums count tensors over the processes of a distributed run, each of which saw
+    its own shard; the result is then over the whole set.
+    """
     model.eval()
     matrix = ConfusionMatrix(num_classes)
     loss_sum, top1, top5, seen, start = 0.0, 0, 0, 0, time.perf_counter()
@@ -186,6 +213,10 @@ def evaluate(
             elapsed = time.perf_counter() - start
             on_step({"loss": loss_sum / seen, "acc": top1 / seen, "n": n,
                      "images_per_s": seen / max(elapsed, 1e-9)})
+    if reduce is not None:
+        sums = reduce(torch.tensor([loss_sum, top1, top5, seen], dtype=torch.float64))
+        loss_sum, top1, top5, seen = float(sums[0]), int(sums[1]), int(sums[2]), int(sums[3])
+        matrix.matrix = reduce(matrix.matrix)
     return {
         "loss": loss_sum / seen if seen else math.nan,
         "acc": top1 / seen if seen else math.nan,

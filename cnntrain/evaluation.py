@@ -27,7 +27,7 @@ from cnntrain.data import (
 from cnntrain.engine import Batcher, evaluate
 from cnntrain.errors import DataError, UsageError
 from cnntrain.metrics import classification_report
-from cnntrain.trainer import amp_dtype_for, resolve_device
+from cnntrain.runtime import amp_dtype_for, resolve_device
 
 
 def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = None, dataset: str | None = None,

@@ -23,7 +23,9 @@ from torch.utils.data import Dataset
 
 from cnntrain.config import TrainConfig
 from cnntrain.data import DatasetSplits, ImageDataset, collate_skipping, eval_transform, make_loader
+from cnntrain.data.imagecache import ImageCache
 from cnntrain.data.sampler import EpochSampler
+from cnntrain.distributed import DistContext
 from cnntrain.engine import Batcher, unpack
 from cnntrain.progress import Reporter
 
@@ -95,25 +97,31 @@ class FeaturePhase:
 
 
 def cached_features(model: nn.Module, head: str, splits: DatasetSplits, val_loader: Any, batcher: Batcher,
-                    cfg: TrainConfig, workers: int, device: torch.device, reporter: Reporter) -> FeaturePhase | None:
-    """Run the frozen backbone once over train and val; None when the model cannot use the cache."""
+                    cfg: TrainConfig, workers: int, device: torch.device, reporter: Reporter,
+                    ctx: DistContext = DistContext(), train_cache: ImageCache | None = None) -> FeaturePhase | None:
+    """Run the frozen backbone once over train and val; None when the model cannot use the cache.
+
+    Under torchrun every rank extracts the features it trains on (its shard of val, all of
+    train, as the shuffle spans ranks) into its own memory; nothing is written to disk."""
     probe = next(iter(make_loader(ImageDataset(splits.train[:2], eval_transform(cfg.img_size)), batch_size=2,
                                   shuffle=False, workers=0)))[0]
     if not head_reproduces_model(model, head, batcher(probe, torch.zeros(len(probe)))[0]):
         reporter.info(f"feature cache: {cfg.arch} has layers after its head `{head}`; training through the full model")
         return None
     started = time.perf_counter()
-    extract = make_loader(ImageDataset(splits.train, eval_transform(cfg.img_size), skip_unreadable=True),
+    extract = make_loader(ImageDataset(splits.train, eval_transform(cfg.img_size), skip_unreadable=True,
+                                       cache=train_cache),
                           batch_size=cfg.batch_size, shuffle=False, workers=workers, device=device,
                           collate_fn=collate_skipping)
     train_x, train_y = extract_features(model, head, extract, batcher)
+    # val_loader is this rank's shard already; its features keep that order.
     val_x, val_y = extract_features(model, head, val_loader, batcher) if val_loader is not None else (None, None)
     mb = (train_x.numel() + (val_x.numel() if val_x is not None else 0)) * 4 / 1e6
     reporter.info(f"feature cache: backbone ran once over {len(train_y)} train + {len(val_y) if val_y is not None else 0} "
                   f"val images in {time.perf_counter() - started:.1f}s ({mb:.0f} MB); the head trains on cached features")
-    sampler = EpochSampler(train_y, shuffle=True, seed=cfg.seed)
+    sampler = EpochSampler(train_y, shuffle=True, seed=cfg.seed, num_replicas=ctx.world_size, rank=ctx.rank)
     train = make_loader(FeatureDataset(train_x, train_y), batch_size=cfg.batch_size, shuffle=False, sampler=sampler,
-                        workers=0, device=device, drop_last=len(train_y) % cfg.batch_size == 1)
+                        workers=0, device=device, drop_last=sampler.num_samples % cfg.batch_size == 1)
     val = (make_loader(FeatureDataset(val_x, val_y), batch_size=cfg.batch_size, shuffle=False, workers=0, device=device)
            if val_x is not None else None)
     return FeaturePhase(head=model.get_submodule(head), train=train, val=val, sampler=sampler,

@@ -3,6 +3,10 @@
 Everything comes from the checkpoint (architecture, classes, image size, normalisation),
 so a trained model is one file. Images are decoded in DataLoader workers, every image is
 predicted (no dropped tail batch) and an unreadable one becomes an error row, not a crash.
+
+``--weights`` may also be an export (``cnntrain export``: ONNX through onnxruntime, or
+TorchScript) with its JSON sidecar; only the model behind :class:`Classifier` differs, the
+image loading, batching and rows are the same, so both give the same predictions.
 """
 
 from __future__ import annotations
@@ -12,19 +16,20 @@ import glob
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cnntrain import checkpoint
+from cnntrain import checkpoint, export
 from cnntrain.data import Normalize, decode_image, default_workers, eval_transform
 from cnntrain.data.datasets import is_hidden, is_image_file
 from cnntrain.data.decode import ImageDecodeError, one_line
 from cnntrain.engine import Batcher
 from cnntrain.errors import UsageError
-from cnntrain.trainer import amp_dtype_for, resolve_device
+from cnntrain.runtime import amp_dtype_for, resolve_device
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
@@ -75,6 +80,40 @@ def _collate(batch: list[tuple[torch.Tensor, int, str | None]]):
     return images, [b[1] for b in batch], [b[2] for b in batch]
 
 
+@dataclass
+class Classifier:
+    """What predict needs from a model: its classes, input size and uint8 batch -> logits."""
+
+    classes: list[str]
+    img_size: int
+    logits: Callable[[torch.Tensor], torch.Tensor]  # uint8 NCHW batch on the CPU -> float logits
+    pin_memory: bool = False
+
+
+def _from_checkpoint(weights: str | Path, device: str) -> Classifier:
+    ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
+    dev = resolve_device(device)
+    model = checkpoint.restore_model(ckpt).to(dev)
+    batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), dev.type == "cuda", amp_dtype_for(dev, None))
+    if batcher.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        images, _ = batcher(images, torch.zeros(len(images), dtype=torch.long))
+        with batcher.autocast():
+            return model(images).float()
+
+    return Classifier(ckpt["classes"], ckpt["img_size"], logits, pin_memory=dev.type == "cuda")
+
+
+def load_classifier(weights: str | Path, device: str = "auto") -> Classifier:
+    """A checkpoint, or an ONNX / TorchScript export (picked by the file, not by a flag)."""
+    if export.detect_format(weights) is None:
+        return _from_checkpoint(weights, device)
+    model = export.load_exported(weights, device)
+    return Classifier(model.classes, model.img_size, model)
+
+
 @torch.no_grad()
 def predict_files(inputs: list[str], weights: str | Path, *, topk: int = 5, batch_size: int = 32,
                   device: str = "auto", workers: int | None = None) -> list[dict[str, Any]]:
@@ -83,25 +122,18 @@ def predict_files(inputs: list[str], weights: str | Path, *, topk: int = 5, batc
         raise UsageError("--topk must be at least 1")
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
-    dev = resolve_device(device)
-    model = checkpoint.restore_model(ckpt).to(dev)
-    classes = ckpt["classes"]
+    model = load_classifier(weights, device)
+    classes = model.classes
     k = min(topk, len(classes))
-    batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), dev.type == "cuda", amp_dtype_for(dev, None))
-    if batcher.channels_last:
-        model.to(memory_format=torch.channels_last)
 
     expanded = expand_inputs(inputs)
     rows: list[dict[str, Any]] = [{"path": p, "error": e, "predictions": []} for p, e in expanded]
     todo = [i for i, (_, e) in enumerate(expanded) if e is None]
     n_workers = min(default_workers() if workers is None else workers, max(len(todo) // batch_size, 0))
-    loader = DataLoader(_Images([expanded[i][0] for i in todo], ckpt["img_size"]), batch_size=batch_size,
-                        num_workers=n_workers, collate_fn=_collate, pin_memory=dev.type == "cuda")
+    loader = DataLoader(_Images([expanded[i][0] for i in todo], model.img_size), batch_size=batch_size,
+                        num_workers=n_workers, collate_fn=_collate, pin_memory=model.pin_memory)
     for images, indices, errors in loader:
-        images, _ = batcher(images, torch.zeros(len(indices), dtype=torch.long))
-        with batcher.autocast():
-            probs = model(images).float().softmax(dim=1)
+        probs = model.logits(images).softmax(dim=1)
         top_p, top_i = probs.topk(k, dim=1)
         for j, (index, error) in enumerate(zip(indices, errors)):
             row = rows[todo[index]]

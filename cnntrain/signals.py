@@ -25,21 +25,28 @@ class Interrupted(CnnTrainError):
 
 
 class StopRequest:
-    """Context manager installing SIGINT/SIGTERM handlers that set ``self.signum``."""
+    """Context manager installing SIGINT/SIGTERM handlers that set ``self.signum``.
 
-    def __init__(self) -> None:
+    ``escalate=False`` (under torchrun) ignores further signals: Ctrl-C reaches every rank and
+    torchrun then sends its own SIGTERM, which must not cut short the checkpoint being saved;
+    torchrun itself SIGKILLs ranks that do not finish in time.
+    """
+
+    def __init__(self, escalate: bool = True) -> None:
         self.signum: int | None = None
+        self.escalate = escalate
         self._previous: dict[int, object] = {}
 
     def __bool__(self) -> bool:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:  # asked twice: stop waiting for the step to finish
+        if self.signum is not None and self.escalate:  # asked twice: stop waiting for the step to finish
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # type: ignore[arg-type]
             signal.raise_signal(signum)
             return
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # handlers only work there

@@ -63,12 +63,15 @@ def test_bench_csv_and_table(runner):
     assert TINY[1] in table.stdout and "train img/s" in table.stdout
 
 
-def test_bench_pipeline(runner, tmp_path):
+@pytest.mark.parametrize("cache", ["none", "ram"])
+def test_bench_pipeline(runner, tmp_path, cache):
     data = make_image_folder(tmp_path / "data", per_class=6, size=40)
     result = runner.invoke(app, ["bench", "--pipeline", "--data-path", str(data), "--arch", TINY[0], *FAST,
-                                 "--workers", "0", "--epochs", "2", "--format", "json"])
+                                 "--workers", "0", "--epochs", "2", "--format", "json", "--cache", cache])
     (row,) = _json(result)
     assert row["num_classes"] == 3 and row["images"] == 18 and row["workers"] == 0
+    assert row["cache"] == cache and (row["cache_seconds"] > 0) == (cache != "none")
+    assert ("image cache: ram" in result.stderr) == (cache == "ram")
     assert len(row["epoch_images_per_s"]) == 2 and len(row["data_epoch_images_per_s"]) == 2
     for key in (*MODEL_FIELDS, "data_images_per_s", "e2e_images_per_s", "efficiency"):
         assert row[key] > 0, key
@@ -80,6 +83,7 @@ def test_bench_pipeline(runner, tmp_path):
     (["--arch", "resnet18", "--pipeline"], "--data-path"),
     (["--arch", "resnet18", "--format", "xml"], "--format"),
     (["--arch", "resnet18", "--batch-size", "1"], "--batch-size"),
+    (["--arch", "resnet18", "--cache", "memory"], "--cache"),
 ])
 def test_bench_usage_errors(runner, args, message):
     result = runner.invoke(app, ["bench", *args, "--device", "cpu"])

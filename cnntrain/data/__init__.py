@@ -1,7 +1,8 @@
 """Data: image folders and built-in datasets, uint8 transforms, on-device normalisation, loaders.
 
-Datasets yield ``(uint8 3xHxW tensor, int label)``; batches travel to the device as uint8 and
-:class:`Normalize` makes them float there (see DESIGN.md, "The input path").
+Datasets yield ``(uint8 3xHxW tensor, int label)``, decoded from their files or read from an
+:class:`ImageCache`; batches travel to the device as uint8 and :class:`Normalize` makes them
+float there (see DESIGN.md, "The input path").
 """
 
 from cnntrain.data.builtins import BUILTIN_DATASETS, load_builtin
@@ -18,6 +19,7 @@ from cnntrain.data.datasets import (
 )
 from cnntrain.data.decode import ImageDecodeError
 from cnntrain.data.download import download_verified, extract_tar, verify_file
+from cnntrain.data.imagecache import ImageCache, build_image_cache
 from cnntrain.data.loader import collate_skipping, default_workers, make_loader, seed_worker
 from cnntrain.data.scan import ScanResult, scan_samples
 from cnntrain.data.shapes import SHAPE_CLASSES, generate_shapes
@@ -38,6 +40,7 @@ __all__ = [
     "IMG_EXTENSIONS",
     "SHAPE_CLASSES",
     "DatasetSplits",
+    "ImageCache",
     "ImageDataset",
     "ImageDecodeError",
     "Normalize",
@@ -46,6 +49,7 @@ __all__ = [
     "cache_root",
     "collate_skipping",
     "decode_image",
+    "build_image_cache",
     "default_workers",
     "download_verified",
     "eval_transform",

@@ -21,11 +21,15 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cnntrain.data.decode import ImageDecodeError, decode_image, one_line
 from cnntrain.errors import DataError, UsageError
+
+if TYPE_CHECKING:  # imagecache imports this module
+    from cnntrain.data.imagecache import ImageCache
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +274,10 @@ class ImageDataset(torch.utils.data.Dataset):
     With ``skip_unreadable=True`` a file that cannot be decoded (deleted, truncated or replaced
     after the scan) yields an :class:`Unreadable` marker and one warning line instead of
     raising, so one bad file cannot end an epoch; pair it with ``collate_skipping``.
+
+    With ``cache`` (built by :func:`~cnntrain.data.imagecache.build_image_cache` for exactly
+    these samples, in this order) images come from the cache instead of their files; a file
+    that could not be decoded when the cache was built is unreadable here just the same.
     """
 
     def __init__(
@@ -278,10 +286,15 @@ class ImageDataset(torch.utils.data.Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         *,
         skip_unreadable: bool = False,
+        cache: ImageCache | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.skip_unreadable = skip_unreadable
+        if cache is not None and len(cache) != len(self.samples):
+            raise UsageError(f"the image cache holds {len(cache)} images but the dataset has {len(self.samples)}; "
+                             "build the cache for exactly this sample list")
+        self.cache = cache
 
     @property
     def targets(self) -> list[int]:
@@ -293,7 +306,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Unreadable:
         path, label = self.samples[index]
         try:
-            image = decode_image(path)
+            image = self.cache.get(index, path) if self.cache is not None else None
+            if image is None:
+                image = decode_image(path)
         except DataError as e:
             if not self.skip_unreadable:
                 raise
@@ -306,4 +321,5 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         skip = ", skip_unreadable=True" if self.skip_unreadable else ""
-        return f"{type(self).__name__}({len(self)} images, transform={self.transform!r}{skip})"
+        cache = f", cache={self.cache!r}" if self.cache is not None else ""
+        return f"{type(self).__name__}({len(self)} images, transform={self.transform!r}{skip}{cache})"

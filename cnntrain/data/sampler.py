@@ -1,40 +1,60 @@
 """Epoch-seeded sampling: every shuffle and every random augmentation is a pure function of
 (seed, epoch, sample), so a run gives the same batches whatever the number of workers, and a
 resumed run continues exactly as if it had never stopped.
+
+Under torchrun the same order is split between ranks the way ``DistributedSampler`` does it
+(padded to a multiple of the world size, then every ``world_size``-th item), so N ranks with
+batch B draw, step by step, exactly the samples one process with batch N x B would draw.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Sized
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields ``(sample_seed, index)``; call ``set_epoch`` before each epoch."""
+class EpochSampler(DistributedSampler):
+    """Yields ``(sample_seed, index)`` for this rank; call ``set_epoch`` before each epoch."""
 
-    def __init__(self, data: Sized, *, shuffle: bool, seed: int = 0) -> None:
+    def __init__(self, data: Sized, *, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(data, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
         self.size = len(data)
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
         self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """``skip`` the first samples of this epoch's order (resuming a run stopped mid-epoch)."""
-        self.epoch = epoch
-        self.skip = min(max(skip, 0), self.size)
+        """``skip`` this rank's first samples of the epoch (resuming a run stopped mid-epoch)."""
+        super().set_epoch(epoch)
+        self.skip = min(max(skip, 0), self.num_samples)
 
     def __len__(self) -> int:
-        return self.size - self.skip
+        return self.num_samples - self.skip
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=gen) if self.shuffle else torch.arange(self.size)
         # One 63-bit seed per sample, drawn from the same epoch generator.
         seeds = torch.randint(0, 2**62, (self.size,), generator=gen)
-        return iter(list(zip(seeds.tolist(), order.tolist()))[self.skip:])
+        items = list(zip(seeds.tolist(), order.tolist()))
+        if self.total_size > self.size:  # pad with the first items so every rank takes as many steps
+            items += (items * math.ceil(self.total_size / self.size))[: self.total_size - self.size]
+        return iter(items[self.rank:self.total_size:self.num_replicas][self.skip:])
+
+
+class ShardSampler(Sampler[int]):
+    """Every ``num_replicas``-th index from ``rank``, no padding: evaluation sees each sample
+    exactly once across ranks, so summed metrics are over the whole set."""
+
+    def __init__(self, data: Sized, *, num_replicas: int = 1, rank: int = 0) -> None:
+        self.indices = range(rank, len(data), num_replicas)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
 
 
 class SeededDataset(Dataset):

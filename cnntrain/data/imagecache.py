@@ -1,0 +1,413 @@
+"""Decoded-image cache: decode every image once, keep it as uint8, read it back every epoch.
+
+Decoding a JPEG costs far more than cropping and flipping it, and without a cache every epoch
+decodes every file again. So before training each image is decoded once (with the same
+:func:`~cnntrain.data.decode.decode_image` as everywhere else), shrunk so its *short side* is
+the largest size training needs (``int(img_size / CROP_RATIO)``, the eval resize: 256 for 224)
+and stored as uint8. Random crops, flips and the rest then run on the cached pixels.
+
+The resize rule: an image whose short side is larger than ``short_side`` is resized exactly
+as :func:`~cnntrain.data.transforms.eval_transform` resizes it (``v2.Resize``, bilinear,
+antialiased); a smaller one is stored as decoded, never upscaled (upscaling adds bytes and no
+detail; eval upscales it from the same pixels). Eval resizing a cached image is then a no-op,
+so evaluation through the cache gives bit for bit the tensors it gives without one. Training
+crops come from the cached (smaller) image instead of the full-size file: the same trade
+every decoded-image cache makes, invisible at ``RandomResizedCrop``'s usual scales.
+
+Two homes for the pixels, one layout (a flat uint8 buffer, and per image an offset, height,
+width and a tag of its path):
+
+- ``ram``: one tensor in shared memory, so DataLoader workers (fork or spawn) read it without
+  copying. It is allocated once at its final size, from the header sizes, so it never exceeds
+  the budget (``--cache-max-gb``, default a quarter of the available memory).
+- ``disk``: a memory-mapped file in ``cache_root()/images/<key>/``; the key hashes the file
+  list, sizes and mtimes, the resize and the decoder, so a changed file means a new cache.
+  It is built in a temporary folder and renamed into place when complete (its index is
+  written last), so a killed build never looks complete; a complete one is reused read-only,
+  never rewritten, by later runs and by the other ranks of a distributed run (a lock file
+  lets one process build while the others wait). The files live in :mod:`cnntrain.data.diskcache`.
+
+``auto`` takes an existing disk cache, else RAM when the estimate fits the budget, else disk,
+else (no disk space either) no cache. A file that fails to decode is recorded with its reason
+and :class:`~cnntrain.data.datasets.ImageDataset` reports it as unreadable, as without a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from cnntrain.data import decode
+from cnntrain.data.decode import ImageDecodeError, decode_image, one_line
+from cnntrain.data.diskcache import (
+    StoredCache,
+    cache_key,
+    free_space,
+    images_root,
+    map_data,
+    read_disk_cache,
+    write_disk_cache,
+)
+from cnntrain.errors import DataError, UsageError
+
+#: Values of ``--cache``.
+MODES = ("auto", "ram", "disk", "none")
+#: Free space a disk cache must leave behind on its file system.
+DISK_RESERVE = 512 * 2**20
+#: Below this many files, reading headers in worker processes costs more than it saves.
+POOL_THRESHOLD = 512
+GB = 1e9  # --cache-max-gb counts decimal gigabytes, like the sizes printed
+
+# The height column holds these for images that have no pixels in the cache.
+_MISSING = -1  # failed to decode for good: ImageDataset reports it as unreadable
+_UNCACHED = -2  # transient failure, or bigger than its header promised: decoded from the file when used
+
+Log = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------ the cache
+
+
+def path_tag(path: str) -> int:
+    """A 63-bit tag of a sample's path: each lookup checks it, so a cache is never read for
+    a sample list it was not built for."""
+    digest = hashlib.blake2b(str(path).encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class ImageCache:
+    """Decoded uint8 images of one sample list, by index; see the module docstring.
+
+    ``entries`` is an ``N x 4`` int64 tensor (offset, height, width, path tag); ``data`` the
+    flat uint8 buffer (``ram``) or the folder holding it as ``data.u8`` (``disk``, mapped
+    lazily in each process, so pickling for a spawned worker sends only the folder name).
+    """
+
+    def __init__(self, mode: str, entries: torch.Tensor, reasons: dict[int, str], *,
+                 data: torch.Tensor | None = None, folder: Path | None = None, nbytes: int | None = None) -> None:
+        self.mode = mode
+        self.entries = entries
+        self.reasons = reasons
+        self.folder = folder
+        self._data = data
+        self.nbytes = int(data.numel()) if nbytes is None and data is not None else int(nbytes or 0)
+
+    @property
+    def data(self) -> torch.Tensor:
+        if self._data is None:
+            self._data = map_data(self.folder, self.nbytes)
+        return self._data
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def missing(self) -> int:
+        """Images recorded as unreadable."""
+        return int((self.entries[:, 1] == _MISSING).sum())
+
+    def get(self, index: int, path: str) -> torch.Tensor | None:
+        """The cached ``3 x H x W`` uint8 image of sample ``index`` (a copy, so transforms may
+        write to it), None when it must be decoded from ``path``, or :class:`ImageDecodeError`
+        with the recorded reason when it could not be decoded."""
+        offset, height, width, tag = self.entries[index].tolist()
+        if tag != path_tag(path):
+            # A bug, not bad data: it must not pass for an unreadable file (skip_unreadable).
+            raise ValueError(f"the image cache holds another image at index {index} than {one_line(path)}; "
+                             "build the cache for exactly this sample list, in this order")
+        if height == _MISSING:
+            raise ImageDecodeError(path, self.reasons.get(index, "unreadable when the cache was built"))
+        if height == _UNCACHED:
+            return None
+        return self.data[offset: offset + 3 * height * width].view(3, height, width).clone()
+
+    def split(self, n: int) -> tuple["ImageCache", "ImageCache"]:
+        """Views of the first ``n`` images and of the rest (one cache built for train + val)."""
+        first = {i: r for i, r in self.reasons.items() if i < n}
+        rest = {i - n: r for i, r in self.reasons.items() if i >= n}
+        return (self._view(self.entries[:n], first), self._view(self.entries[n:], rest))
+
+    def _view(self, entries: torch.Tensor, reasons: dict[int, str]) -> "ImageCache":
+        return ImageCache(self.mode, entries, reasons, data=self._data, folder=self.folder, nbytes=self.nbytes)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.mode == "disk":
+            state["_data"] = None  # a memory map would be pickled as its whole content; reopen instead
+        return state
+
+    def __repr__(self) -> str:
+        where = f", {self.folder}" if self.folder is not None else ""
+        return f"ImageCache({self.mode}, {len(self)} images, {format_bytes(self.nbytes)}{where})"
+
+
+# ------------------------------------------------------------------------------ sizes and budget
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= GB else f"{n / 1e6:.1f} MB"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations: MemAvailable on Linux, else sysconf."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:  # macOS has no "available" count: assume half of the physical memory is
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_budget() -> int:
+    """The RAM budget without ``--cache-max-gb``: a quarter of the available memory (2 GB if unknown)."""
+    available = available_memory()
+    return available // 4 if available else 2 * 10**9
+
+
+def _shared_memory_free() -> int | None:
+    """Free bytes in /dev/shm, where shared tensors live on Linux (containers often give 64 MB)."""
+    try:
+        return shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
+    except OSError:
+        return None
+
+
+def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """``(height, width)`` after the cache's resize: short side ``short_side``, never upscaled.
+
+    The same arithmetic as torchvision's ``Resize(short_side)`` (long side truncated), so the
+    size estimated from a header is the size stored.
+    """
+    short, long = min(height, width), max(height, width)
+    if short <= short_side:
+        return height, width
+    new_long = int(short_side * long / short)
+    return (short_side, new_long) if height <= width else (new_long, short_side)
+
+
+def _header_bytes(path: str, short_side: int) -> int:
+    """Bytes the cached image will take, from the file's header alone (0 if unreadable).
+
+    EXIF orientation may swap height and width, which changes neither the short side nor
+    the byte count, so it is not read here.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                width, height = img.size
+        decode._check_geometry(path, (width, height))
+    except Exception:  # noqa: BLE001 - anything wrong shows up again, with its reason, when decoding
+        return 0
+    h, w = resized_size(height, width, short_side)
+    return 3 * h * w
+
+
+# ------------------------------------------------------------------------------ workers
+
+
+class _Headers(Dataset):
+    def __init__(self, paths: Sequence[str], short_side: int) -> None:
+        self.paths, self.short_side = paths, short_side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> int:
+        return _header_bytes(self.paths[index], self.short_side)
+
+
+class _Decode(Dataset):
+    """``(index, resized uint8 image or None, reason, transient)`` per sample, in a worker."""
+
+    def __init__(self, paths: Sequence[str], short_side: int) -> None:
+        self.paths, self.short_side = paths, short_side
+        self.resize = v2.Resize(short_side, antialias=True)  # eval_transform's own resize
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None, bool]:
+        try:
+            image = decode_image(self.paths[index])
+        except ImageDecodeError as e:
+            return index, None, e.reason, e.transient
+        except DataError as e:
+            return index, None, one_line(e), True
+        if min(image.shape[-2:]) > self.short_side:
+            image = self.resize(image)
+        return index, image.contiguous(), None, False
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _run(dataset: Dataset, workers: int) -> Iterator[Any]:
+    """Items of ``dataset`` in order, computed in ``workers`` processes (0: here)."""
+    if workers == 0:
+        yield from (dataset[i] for i in range(len(dataset)))  # type: ignore[arg-type]
+        return
+    loader = DataLoader(dataset, batch_size=8, num_workers=workers, collate_fn=_as_list)
+    for batch in loader:
+        yield from batch
+
+
+def estimate_bytes(paths: Sequence[str], short_side: int, workers: int = 0) -> np.ndarray:
+    """Bytes each image will take in the cache, from headers (int64 array; 0: unreadable)."""
+    workers = workers if len(paths) >= POOL_THRESHOLD else 0
+    return np.fromiter(_run(_Headers(paths, short_side), workers), dtype=np.int64, count=len(paths))
+
+
+def _fill(paths: Sequence[str], sizes: np.ndarray, short_side: int, buffer: torch.Tensor, workers: int,
+          progress: bool) -> tuple[torch.Tensor, dict[int, str]]:
+    """Decode every image into its slot of ``buffer``; returns (entries, reasons)."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(sizes) else np.zeros(0, np.int64)
+    entries = torch.zeros((len(paths), 4), dtype=torch.int64)
+    entries[:, 0] = torch.from_numpy(offsets.astype(np.int64))
+    entries[:, 3] = torch.tensor([path_tag(p) for p in paths], dtype=torch.int64)
+    reasons: dict[int, str] = {}
+    with tqdm(total=len(paths), desc="caching images", unit="img", disable=not progress, leave=False) as bar:
+        for index, image, reason, transient in _run(_Decode(paths, short_side), workers):
+            bar.update()
+            if image is None:
+                entries[index, 1] = _UNCACHED if transient else _MISSING
+                if not transient:
+                    reasons[index] = reason or "unreadable"
+                continue
+            n = image.numel()
+            if n != sizes[index]:  # the header lied (or the file changed): read it from the file when used
+                entries[index, 1] = _UNCACHED
+                continue
+            start = int(offsets[index])
+            buffer[start: start + n].copy_(image.reshape(-1))
+            entries[index, 1], entries[index, 2] = image.shape[1], image.shape[2]
+    return entries, reasons
+
+
+# ------------------------------------------------------------------------------ disk
+
+
+def open_disk_cache(key: str) -> ImageCache | None:
+    """The complete disk cache with this key, or None (absent, still building, damaged)."""
+    stored = read_disk_cache(key)
+    return None if stored is None else _disk_cache(stored)
+
+
+def _disk_cache(stored: StoredCache) -> ImageCache:
+    return ImageCache("disk", stored.entries, stored.reasons, folder=stored.folder, nbytes=stored.nbytes)
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def _choose(mode: str, nbytes: int, budget: int, disk_folder: Path, log: Log) -> str:
+    """``ram``, ``disk`` or ``none`` for ``nbytes`` of decoded images; raises when ``mode`` cannot be had."""
+    shm = _shared_memory_free()
+    ram_limit = min(budget, shm) if shm is not None else budget
+    need = format_bytes(nbytes)
+    if mode in ("ram", "auto") and nbytes <= ram_limit:
+        return "ram"
+    if mode == "ram":
+        where = (f"the RAM budget of {format_bytes(budget)}" if nbytes > budget
+                 else f"the {format_bytes(shm or 0)} free in /dev/shm (shared memory)")
+        raise UsageError(f"--cache ram: the decoded images need about {need}, more than {where}; "
+                         "use --cache disk, or raise --cache-max-gb")
+    free = free_space(disk_folder)
+    if free is None or free >= nbytes + DISK_RESERVE:
+        return "disk"
+    message = (f"the decoded images need about {need} plus {format_bytes(DISK_RESERVE)} to spare, and only "
+               f"{format_bytes(free)} is free in {disk_folder}")
+    if mode == "disk":
+        raise UsageError(f"--cache disk: {message}; free some space, set CNNTRAIN_HOME to a bigger disk, "
+                         "or use --cache ram / --cache none")
+    log(f"image cache: off ({need} is over the RAM budget of {format_bytes(ram_limit)}, and {message})")
+    return "none"
+
+
+def build_image_cache(
+    samples: Sequence[tuple[str, int]],
+    *,
+    short_side: int,
+    mode: str,
+    max_gb: float | None,
+    workers: int,
+    log: Log,
+    progress: bool = False,
+) -> ImageCache | None:
+    """Decode ``samples`` once into a cache that :class:`ImageDataset` reads by index.
+
+    ``short_side``: images are shrunk to this short side (never enlarged); pass
+    ``int(img_size / CROP_RATIO)``. ``mode``: ``auto``, ``ram``, ``disk`` or ``none`` (returns
+    None). ``max_gb``: the RAM budget (None: a quarter of the available memory). ``workers``
+    decode in parallel (0: in this process). ``log`` gets one line: the mode, size, image count
+    and seconds. The cache is built for exactly this sample list in this order.
+    """
+    if mode not in MODES:
+        raise UsageError(f"--cache must be one of {', '.join(MODES)}, not {mode!r}")
+    if isinstance(short_side, bool) or not isinstance(short_side, int) or short_side < 1:
+        raise UsageError(f"the cache's short side must be a positive integer, got {short_side!r}")
+    if max_gb is not None and not max_gb > 0:
+        raise UsageError(f"--cache-max-gb must be positive, got {max_gb!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UsageError(f"workers must be 0 or more, got {workers!r}")
+    if mode == "none" or not samples:
+        return None
+    started = time.perf_counter()
+    paths = [str(path) for path, _ in samples]
+    key = cache_key(paths, short_side) if mode != "ram" else None
+    found = open_disk_cache(key) if key is not None else None
+    if found is None:
+        sizes = estimate_bytes(paths, short_side, workers)
+        budget = int(max_gb * GB) if max_gb is not None else default_budget()
+        chosen = _choose(mode, int(sizes.sum()), budget, images_root(), log)
+        if chosen == "none":
+            return None
+
+        def fill(buffer: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+            return _fill(paths, sizes, short_side, buffer, workers, progress)
+
+        if chosen == "ram":
+            buffer = torch.empty(int(sizes.sum()), dtype=torch.uint8)
+            if buffer.numel():
+                buffer.share_memory_()
+            entries, reasons = fill(buffer)
+            cache = ImageCache("ram", entries.share_memory_(), reasons, data=buffer)
+        else:
+            key = key or cache_key(paths, short_side)
+            cache = _disk_cache(write_disk_cache(paths, int(sizes.sum()), key, short_side, fill, log))
+        how = f"{cache.mode}" + (f" in {cache.folder}" if cache.folder is not None else "")
+    else:
+        cache, how = found, f"disk, reused {found.folder}"
+    notes = []
+    if cache.missing:
+        notes.append(f"{cache.missing:,} unreadable")
+    uncached = int((cache.entries[:, 1] == _UNCACHED).sum())
+    if uncached:
+        notes.append(f"{uncached:,} read from their files")
+    extra = f" ({', '.join(notes)})" if notes else ""
+    log(f"image cache: {how}, {format_bytes(cache.nbytes)}, {len(cache):,} images{extra}, "
+        f"short side {short_side}px, {time.perf_counter() - started:.1f}s")
+    return cache
