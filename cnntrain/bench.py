@@ -219,7 +219,7 @@ def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32
     from cnntrain.data import default_workers, load_folder
     from cnntrain.data.imagecache import MODES, build_image_cache
     from cnntrain.data.transforms import CROP_RATIO
-    from cnntrain.runtime import amp_dtype_for, resolve_device
+    from cnntrain.runtime import amp_dtype_for, resolve_device, use_channels_last
 
     if batch_size < 2:
         raise UsageError("--batch-size must be at least 2 (a training step needs BatchNorm statistics)")
@@ -235,7 +235,7 @@ def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32
         raise UsageError(f"--cache must be one of {', '.join(MODES)}, not {cache!r}")
     dev = resolve_device(device)
     amp_dtype = amp_dtype_for(dev, amp)
-    channels_last = dev.type == "cuda" if channels_last is None else channels_last
+    channels_last = use_channels_last(dev) if channels_last is None else channels_last
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     splits = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
@@ -27,7 +28,7 @@ from cnntrain.data import (
 from cnntrain.engine import Batcher, evaluate
 from cnntrain.errors import DataError, UsageError
 from cnntrain.metrics import classification_report
-from cnntrain.runtime import amp_dtype_for, resolve_device
+from cnntrain.runtime import amp_dtype_for, resolve_device, use_channels_last
 
 
 def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = None, dataset: str | None = None,
@@ -56,7 +57,10 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
 
     dev = resolve_device(device)
     model = checkpoint.restore_model(ckpt).to(dev)
-    batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), dev.type == "cuda", amp_dtype_for(dev, None))
+    batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), use_channels_last(dev),
+                      amp_dtype_for(dev, None))
+    if batcher.channels_last:
+        model.to(memory_format=torch.channels_last)
     loader = make_loader(ImageDataset(samples, eval_transform(ckpt["img_size"])), batch_size=batch_size,
                          shuffle=False, workers=default_workers() if workers is None else workers, device=dev)
     result = evaluate(model, loader, nn.CrossEntropyLoss(), batcher, len(ckpt["classes"]))

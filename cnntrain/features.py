@@ -19,10 +19,10 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from cnntrain.config import TrainConfig
-from cnntrain.data import DatasetSplits, ImageDataset, collate_skipping, eval_transform, make_loader
+from cnntrain.data import DatasetSplits, ImageDataset, Unreadable, collate_skipping, eval_transform, make_loader
 from cnntrain.data.imagecache import ImageCache
 from cnntrain.data.sampler import EpochSampler
 from cnntrain.distributed import DistContext
@@ -96,33 +96,52 @@ class FeaturePhase:
     batcher: Batcher
 
 
-def cached_features(model: nn.Module, head: str, splits: DatasetSplits, val_loader: Any, batcher: Batcher,
-                    cfg: TrainConfig, workers: int, device: torch.device, reporter: Reporter,
-                    ctx: DistContext = DistContext(), train_cache: ImageCache | None = None) -> FeaturePhase | None:
+class _ValTagged(Dataset):
+    """Shifts labels by ``offset`` so train and val can share one extraction pass and still be
+    told apart afterwards, whatever unreadable images the pass drops."""
+
+    def __init__(self, dataset: Dataset, offset: int) -> None:
+        self.dataset, self.offset = dataset, offset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        return item if isinstance(item, Unreadable) else (item[0], item[1] + self.offset)
+
+
+def cached_features(model: nn.Module, head: str, splits: DatasetSplits, batcher: Batcher, cfg: TrainConfig,
+                    workers: int, device: torch.device, reporter: Reporter, ctx: DistContext = DistContext(),
+                    train_cache: ImageCache | None = None, val_cache: ImageCache | None = None) -> FeaturePhase | None:
     """Run the frozen backbone once over train and val; None when the model cannot use the cache.
 
-    Under torchrun every rank extracts the features it trains on (its shard of val, all of
-    train, as the shuffle spans ranks) into its own memory; nothing is written to disk."""
-    probe = next(iter(make_loader(ImageDataset(splits.train[:2], eval_transform(cfg.img_size)), batch_size=2,
-                                  shuffle=False, workers=0)))[0]
+    Under torchrun every rank extracts the features it trains on (all of train, as the shuffle
+    spans ranks, and its shard of val) into its own memory; nothing is written to disk."""
+    transform = eval_transform(cfg.img_size)
+    probe = next(iter(make_loader(ImageDataset(splits.train[:2], transform), batch_size=2, shuffle=False,
+                                  workers=0)))[0]
     if not head_reproduces_model(model, head, batcher(probe, torch.zeros(len(probe)))[0]):
         reporter.info(f"feature cache: {cfg.arch} has layers after its head `{head}`; training through the full model")
         return None
     started = time.perf_counter()
-    extract = make_loader(ImageDataset(splits.train, eval_transform(cfg.img_size), skip_unreadable=True,
-                                       cache=train_cache),
-                          batch_size=cfg.batch_size, shuffle=False, workers=workers, device=device,
+    classes = splits.num_classes
+    val_shard = Subset(ImageDataset(splits.val, transform, skip_unreadable=True, cache=val_cache),
+                       range(ctx.rank, len(splits.val), ctx.world_size))  # as ShardSampler splits it
+    both = ConcatDataset([ImageDataset(splits.train, transform, skip_unreadable=True, cache=train_cache),
+                          _ValTagged(val_shard, classes)])
+    extract = make_loader(both, batch_size=cfg.batch_size, shuffle=False, workers=workers, device=device,
                           collate_fn=collate_skipping)
-    train_x, train_y = extract_features(model, head, extract, batcher)
-    # val_loader is this rank's shard already; its features keep that order.
-    val_x, val_y = extract_features(model, head, val_loader, batcher) if val_loader is not None else (None, None)
-    mb = (train_x.numel() + (val_x.numel() if val_x is not None else 0)) * 4 / 1e6
-    reporter.info(f"feature cache: backbone ran once over {len(train_y)} train + {len(val_y) if val_y is not None else 0} "
-                  f"val images in {time.perf_counter() - started:.1f}s ({mb:.0f} MB); the head trains on cached features")
+    x, y = extract_features(model, head, extract, batcher)
+    is_val = y >= classes
+    train_x, train_y, val_x, val_y = x[~is_val], y[~is_val], x[is_val], y[is_val] - classes
+    reporter.info(f"feature cache: backbone ran once over {len(train_y)} train + {len(val_y)} val images in "
+                  f"{time.perf_counter() - started:.1f}s ({x.numel() * 4 / 1e6:.0f} MB); the head trains on cached "
+                  "features")
     sampler = EpochSampler(train_y, shuffle=True, seed=cfg.seed, num_replicas=ctx.world_size, rank=ctx.rank)
     train = make_loader(FeatureDataset(train_x, train_y), batch_size=cfg.batch_size, shuffle=False, sampler=sampler,
                         workers=0, device=device, drop_last=sampler.num_samples % cfg.batch_size == 1)
     val = (make_loader(FeatureDataset(val_x, val_y), batch_size=cfg.batch_size, shuffle=False, workers=0, device=device)
-           if val_x is not None else None)
+           if splits.val else None)
     return FeaturePhase(head=model.get_submodule(head), train=train, val=val, sampler=sampler,
                         batcher=Batcher(device, None, False, batcher.amp_dtype))

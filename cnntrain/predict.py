@@ -29,7 +29,7 @@ from cnntrain.data.datasets import is_hidden, is_image_file
 from cnntrain.data.decode import ImageDecodeError, one_line
 from cnntrain.engine import Batcher
 from cnntrain.errors import UsageError
-from cnntrain.runtime import amp_dtype_for, resolve_device
+from cnntrain.runtime import amp_dtype_for, resolve_device, use_channels_last
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
@@ -94,7 +94,8 @@ def _from_checkpoint(weights: str | Path, device: str) -> Classifier:
     ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
     dev = resolve_device(device)
     model = checkpoint.restore_model(ckpt).to(dev)
-    batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), dev.type == "cuda", amp_dtype_for(dev, None))
+    batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), use_channels_last(dev),
+                      amp_dtype_for(dev, None))
     if batcher.channels_last:
         model.to(memory_format=torch.channels_last)
 

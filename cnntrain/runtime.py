@@ -36,6 +36,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def use_channels_last(device: torch.device) -> bool:
+    """NHWC convolutions: faster with cuDNN and with oneDNN on the CPU too (shufflenet_v2_x1_0 at
+    224 px on a 2-core VM: inference 138 -> 190 images/s, training step +5%); off on MPS."""
+    return device.type in ("cuda", "cpu")
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

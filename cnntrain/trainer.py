@@ -55,7 +55,8 @@ from cnntrain.models.heads import keep_frozen_bn_eval, unfreeze
 from cnntrain.optim import build_optimizer, build_scheduler
 from cnntrain.progress import Reporter, format_epoch
 from cnntrain.runfiles import finish, write_metrics_csv, write_text
-from cnntrain.runtime import amp_dtype_for, resolve_device, rng_state, seed_everything, set_rng_state
+from cnntrain.runtime import (amp_dtype_for, resolve_device, rng_state, seed_everything, set_rng_state,
+                              use_channels_last)
 from cnntrain.signals import Interrupted, StopRequest
 
 # On a GPU, reading the loss every step stalls the queue of kernels; read it every so many steps.
@@ -227,7 +228,7 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
         freeze_backbone(model, head)
 
     amp_dtype = amp_dtype_for(device, cfg.amp)
-    channels_last = device.type == "cuda"
+    channels_last = use_channels_last(device)
     if cfg.sync_bn and ctx.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -301,8 +302,8 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     batcher = Batcher(device, Normalize(mean, std).to(device), channels_last, amp_dtype)
     features = None
     if frozen and cfg.feature_cache and deterministic_train:
-        features = cached_features(model, head, splits, val_loader, batcher, cfg, workers, device, reporter, ctx,
-                                   train_cache=train_cache)
+        features = cached_features(model, head, splits, batcher, cfg, workers, device, reporter, ctx,
+                                   train_cache=train_cache, val_cache=val_cache)
     head_model = wrap(features.head) if features is not None else None
 
     if ctx.is_main:

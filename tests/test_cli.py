@@ -23,7 +23,7 @@ def test_version_and_module_entry_point():
 def test_help_lists_commands(runner):
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("train", "predict", "eval", "download-weights", "models"):
+    for command in ("train", "predict", "eval", "export", "bench", "download-weights", "models"):
         assert command in result.output
 
 

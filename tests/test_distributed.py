@@ -84,14 +84,16 @@ def test_sync_bn_on_cpu_is_refused_before_launch(runner, image_folder, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("feature_cache", ["--no-feature-cache", "--feature-cache"])
-def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path, feature_cache):
+@pytest.mark.parametrize("variant", [["--no-feature-cache"], ["--feature-cache", "--lr", "0.005", "--lr-scale", "linear"]],
+                         ids=["full-model", "feature-cache+lr-scale"])
+def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path, variant):
     """torchrun with 2 ranks x batch 4 == 1 process x batch 8: same losses, accuracy and weights
     (frozen backbone, so BatchNorm statistics cannot differ between the two), one run folder,
-    validation counted once over the whole set, no `module.` prefix in the checkpoint."""
+    validation counted once over the whole set, no `module.` prefix in the checkpoint. With
+    --lr-scale linear, 2 x 0.005 is the single process's 0.01."""
     common = ["train", "--data-path", str(image_folder), *TINY, "--epochs", "2", "--freeze-layers", "--aug", "none",
               "--project", str(tmp_path / "runs")]
-    run([*TORCHRUN, "-m", "cnntrain", *common, "--batch-size", "4", "--name", "ddp", feature_cache], tmp_path)
+    run([*TORCHRUN, "-m", "cnntrain", *common, "--batch-size", "4", "--name", "ddp", *variant], tmp_path)
     run([*CNNTRAIN, *common, "--batch-size", "8", "--name", "single", "--no-feature-cache"], tmp_path)
 
     runs = tmp_path / "runs"
@@ -104,6 +106,7 @@ def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_pa
     for a, b in zip(*rows):
         loss_a, loss_b = float(a.split(",")[1]), float(b.split(",")[1])
         assert loss_a == pytest.approx(loss_b, rel=1e-4)
+        assert float(a.split(",")[6]) == pytest.approx(float(b.split(",")[6]))  # learning rate
     a, b = weights(runs / "ddp" / "best.pt"), weights(runs / "single" / "best.pt")
     assert not any(k.startswith("module.") for k in a)
     for key in a:
