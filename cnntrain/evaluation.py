@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
@@ -17,7 +16,6 @@ from rich.table import Table
 from cnntrain import checkpoint
 from cnntrain.data import (
     ImageDataset,
-    Normalize,
     default_workers,
     eval_transform,
     load_builtin,
@@ -25,10 +23,11 @@ from cnntrain.data import (
     make_loader,
     scan_samples,
 )
-from cnntrain.engine import Batcher, evaluate
+from cnntrain.engine import evaluate
 from cnntrain.errors import DataError, UsageError
 from cnntrain.metrics import classification_report
-from cnntrain.runtime import amp_dtype_for, resolve_device, use_channels_last
+from cnntrain.predict import on_device
+from cnntrain.runtime import resolve_device
 
 
 def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = None, dataset: str | None = None,
@@ -56,11 +55,7 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
         raise DataError(f"the {split} split is empty; use --split all or a dataset with held-out images")
 
     dev = resolve_device(device)
-    model = checkpoint.restore_model(ckpt).to(dev)
-    batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), use_channels_last(dev),
-                      amp_dtype_for(dev, None))
-    if batcher.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model, batcher = on_device(ckpt, dev)
     loader = make_loader(ImageDataset(samples, eval_transform(ckpt["img_size"])), batch_size=batch_size,
                          shuffle=False, workers=default_workers() if workers is None else workers, device=dev)
     result = evaluate(model, loader, nn.CrossEntropyLoss(), batcher, len(ckpt["classes"]))

@@ -90,14 +90,21 @@ class Classifier:
     pin_memory: bool = False
 
 
-def _from_checkpoint(weights: str | Path, device: str) -> Classifier:
-    ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
-    dev = resolve_device(device)
+def on_device(ckpt: dict[str, Any], dev: torch.device) -> tuple[torch.nn.Module, Batcher]:
+    """A checkpoint's model on ``dev``, with the Batcher that feeds it (its normalisation, the
+    device's memory format and mixed precision): what predict and eval share."""
     model = checkpoint.restore_model(ckpt).to(dev)
     batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), use_channels_last(dev),
                       amp_dtype_for(dev, None))
     if batcher.channels_last:
         model.to(memory_format=torch.channels_last)
+    return model, batcher
+
+
+def _from_checkpoint(weights: str | Path, device: str) -> Classifier:
+    ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
+    dev = resolve_device(device)
+    model, batcher = on_device(ckpt, dev)
 
     def logits(images: torch.Tensor) -> torch.Tensor:
         images, _ = batcher(images, torch.zeros(len(images), dtype=torch.long))

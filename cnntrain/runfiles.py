@@ -57,7 +57,7 @@ def finish(result: "TrainResult", model: nn.Module, scorer: tuple[nn.Module, Any
     best_val: dict[str, Any] = {}
     if val_loader is not None and (run_dir / "best.pt").is_file():
         model.load_state_dict(checkpoint.load(run_dir / "best.pt")["model"])
-        best_val = evaluate(net, val_loader, criterion, batcher, len(classes), reduce=ctx.sum if ctx.enabled else None)
+        best_val = evaluate(net, val_loader, criterion, batcher, len(classes), reduce=ctx.sum)
     if not ctx.is_main:
         return
     plot_learning_curves(result.history, run_dir / "learning_curves.png")

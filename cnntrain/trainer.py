@@ -245,7 +245,6 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     train_model = wrap(model)
     # Evaluation never goes through DDP: ranks hold shards of different lengths.
     eval_model = lambda: model if ctx.enabled else train_model  # noqa: E731
-    reduce = ctx.sum if ctx.enabled else None
 
     lr_cfg = cfg
     if cfg.lr_scale == "linear" and ctx.world_size > 1:
@@ -356,10 +355,10 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
             with reporter.bar(f"valid epoch[{shown}/{cfg.epochs}]", len(splits.val)) as on_step:
                 if phase:
                     val = evaluate(phase.head, phase.val, criterion, phase.batcher, len(classes), on_step=on_step,
-                                   reduce=reduce)
+                                   reduce=ctx.sum)
                 else:
                     val = evaluate(eval_model(), val_loader, criterion, batcher, len(classes), on_step=on_step,
-                                   reduce=reduce)
+                                   reduce=ctx.sum)
         scheduler.step()
         row = {
             "epoch": shown, "train_loss": train["loss"], "train_acc": train["acc"],
