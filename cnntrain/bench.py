@@ -235,7 +235,7 @@ def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32
         raise UsageError(f"--cache must be one of {', '.join(MODES)}, not {cache!r}")
     dev = resolve_device(device)
     amp_dtype = amp_dtype_for(dev, amp)
-    channels_last = use_channels_last(dev) if channels_last is None else channels_last
+    channels_last = use_channels_last(dev, img_size) if channels_last is None else channels_last
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     splits = None

@@ -94,7 +94,7 @@ def on_device(ckpt: dict[str, Any], dev: torch.device) -> tuple[torch.nn.Module,
     """A checkpoint's model on ``dev``, with the Batcher that feeds it (its normalisation, the
     device's memory format and mixed precision): what predict and eval share."""
     model = checkpoint.restore_model(ckpt).to(dev)
-    batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), use_channels_last(dev),
+    batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), use_channels_last(dev, ckpt["img_size"]),
                       amp_dtype_for(dev, None))
     if batcher.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -228,7 +228,7 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
         freeze_backbone(model, head)
 
     amp_dtype = amp_dtype_for(device, cfg.amp)
-    channels_last = use_channels_last(device)
+    channels_last = use_channels_last(device, cfg.img_size)
     if cfg.sync_bn and ctx.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
