@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from cnntrain import fileio
-from cnntrain.errors import CheckpointError, UsageError
+from cnntrain.errors import CheckpointError, UsageError, first_line
 from cnntrain.weights import safe_load
+
+if TYPE_CHECKING:  # imported where used: loading a checkpoint needs neither the engine nor the data
+    from cnntrain.engine import Batcher
 
 FORMAT = "cnntrain-checkpoint"
 FORMAT_VERSION = 1
@@ -50,14 +55,22 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+@contextmanager
+def write_errors_reported(path: str | Path) -> Iterator[None]:
+    """A failed write of a run's file (disk full, I/O error) becomes a one-line error, not a
+    traceback; the writes are atomic, so the previous file is still there, unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        raise CheckpointError(f"could not write {path}: {exc.strerror or exc}; the previous file is "
+                              "unchanged") from None
+
+
 def save(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write a checkpoint atomically (temp file, fsync, rename)."""
     path = Path(path)
-    try:
-        with fileio.atomic_open(path, "wb") as fh:
-            torch.save(payload, fh)
-    except OSError as exc:
-        raise CheckpointError(f"could not write {path}: {exc.strerror or exc}; the previous file is unchanged") from None
+    with write_errors_reported(path), fileio.atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
     return path
 
 
@@ -125,9 +138,10 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], head: st
                       path: str | Path) -> WeightsReport:
     """Load ``state`` for ``--weights``: only the head may differ (other class count);
     any other missing, unexpected or mis-shaped key is an error that lists the keys."""
+    from cnntrain.models.heads import is_head
+
     own = model.state_dict()
-    is_head = lambda key: key == head or key.startswith(head + ".")  # noqa: E731
-    head_skipped = [k for k, v in state.items() if is_head(k) and k in own and own[k].shape != v.shape]
+    head_skipped = [k for k, v in state.items() if is_head(k, head) and k in own and own[k].shape != v.shape]
     usable = {k: v for k, v in state.items() if k not in head_skipped}
     mismatched = [k for k, v in usable.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in usable and k not in head_skipped]
@@ -217,8 +231,7 @@ def restore_model(ckpt: dict[str, Any]) -> nn.Module:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint weights do not fit {ckpt['arch']}: {first}") from None
+        raise CheckpointError(f"checkpoint weights do not fit {ckpt['arch']}: {first_line(exc)}") from None
     return model.eval()
 
 
@@ -234,3 +247,19 @@ def resolve_weights(weights: str | Path | None, project: str | Path = "runs") ->
         raise UsageError(f"no --weights given and no trained run in {project}/; train one with `cnntrain train` "
                          "or pass --weights CKPT")
     return run / "best.pt", True
+
+
+def on_device(ckpt: dict[str, Any], dev: torch.device) -> tuple[nn.Module, Batcher]:
+    """A checkpoint's model on ``dev``, with the Batcher that feeds it (its normalisation, the
+    device's memory format and mixed precision): what predict and eval share, next to
+    :func:`restore_model` so neither command borrows it from the other."""
+    from cnntrain.data.transforms import Normalize
+    from cnntrain.engine import Batcher
+    from cnntrain.runtime import amp_dtype_for, use_channels_last
+
+    model = restore_model(ckpt).to(dev)
+    batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), use_channels_last(dev, ckpt["img_size"]),
+                      amp_dtype_for(dev, None))
+    if batcher.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, batcher

@@ -1,7 +1,8 @@
 """Expected failures, each mapped to one line of output and an exit code by the CLI.
 
 The library raises these instead of printing or exiting, so it stays usable from Python
-and the CLI stays the single place that decides how an error looks.
+and the CLI stays the single place that decides how an error looks. :func:`first_line` is the
+one way any module squeezes a message, path or reason onto one line.
 """
 
 from __future__ import annotations
@@ -33,3 +34,31 @@ class WeightsError(CnnTrainError):
 
 class DownloadError(WeightsError):
     """A download failed: refused, timed out, truncated or failed its hash check."""
+
+
+def first_line(text_or_exception: object, limit: int | None = None, *, with_type: bool = False) -> str:
+    """One line for an error message, a log line or an error row; the only such helper.
+
+    Two kinds of input, two rules:
+
+    - an exception: the first non-empty line of its message, stripped, or its type name when the
+      message is empty. Later lines are detail a one-line error must not carry: DataLoader
+      workers append a traceback, the ONNX exporter the whole graph, torch.load its advice.
+      ``with_type`` puts the type name in front (``ValueError: ...``), for exceptions raised by
+      other libraries, whose messages often make sense only with it.
+    - anything else (a path, a reason): all of it, with carriage returns and newlines written as
+      ``\\r`` and ``\\n``, so a file name holding a newline stays recognisable and cannot forge a
+      second log line.
+
+    ``limit`` cuts the result to that many characters, the last three being ``...``; None keeps
+    it whole.
+    """
+    if isinstance(text_or_exception, BaseException):
+        lines = [line.strip() for line in str(text_or_exception).splitlines() if line.strip()]
+        name = type(text_or_exception).__name__
+        text = (f"{name}: {lines[0]}" if with_type else lines[0]) if lines else name
+    else:
+        text = str(text_or_exception).replace("\r", "\\r").replace("\n", "\\n")
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text

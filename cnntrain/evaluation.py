@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cnntrain import checkpoint
+from cnntrain.checkpoint import on_device
 from cnntrain.data import (
     ImageDataset,
     default_workers,
@@ -26,7 +27,6 @@ from cnntrain.data import (
 from cnntrain.engine import evaluate
 from cnntrain.errors import DataError, UsageError
 from cnntrain.metrics import classification_report
-from cnntrain.predict import on_device
 from cnntrain.runtime import resolve_device
 
 
@@ -38,8 +38,11 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
     ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
     seed = int((ckpt.get("config") or {}).get("seed", 0))
     val_split = float((ckpt.get("config") or {}).get("val_split", 0.1))
-    splits = (load_folder(data_path, val_split=val_split, seed=seed) if data_path is not None
-              else load_builtin(dataset, val_split=val_split, seed=seed))
+    if data_path is not None:
+        splits = load_folder(data_path, val_split=val_split, seed=seed)
+    else:
+        assert dataset is not None
+        splits = load_builtin(dataset, val_split=val_split, seed=seed)
     if splits.classes != ckpt["classes"]:
         only_data = sorted(set(splits.classes) - set(ckpt["classes"]))
         only_ckpt = sorted(set(ckpt["classes"]) - set(splits.classes))
@@ -59,17 +62,17 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
     loader = make_loader(ImageDataset(samples, eval_transform(ckpt["img_size"])), batch_size=batch_size,
                          shuffle=False, workers=default_workers() if workers is None else workers, device=dev)
     result = evaluate(model, loader, nn.CrossEntropyLoss(), batcher, len(ckpt["classes"]))
-    matrix = result["confusion"]
+    matrix = result.confusion
     report = {
         "weights": str(weights),
         "arch": ckpt["arch"],
         "data": splits.description,
         "split": split,
-        "images": result["images"],
+        "images": result.images,
         "unreadable": [{"path": p, "reason": r} for p, r in scan.bad],
-        "loss": result["loss"],
-        "top1": result["acc"],
-        "top5": result["top5"],
+        "loss": result.loss,
+        "top1": result.acc,
+        "top5": result.top5,
         "macro_f1": matrix.macro_f1(),
         "per_class": classification_report(matrix, ckpt["classes"]),
         "classes": ckpt["classes"],

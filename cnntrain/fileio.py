@@ -1,9 +1,11 @@
-"""Crash-safe file writes and streamed hashing, shared by weights and checkpoints.
+"""Crash-safe file writes, streamed hashing and byte counts, shared by every module that writes files.
 
 A file that is half written (killed process, full disk, dropped connection) must never sit
 under its final name: a later run would trust it. So every write goes to a temp file in the
 same folder (same file system, so the rename is atomic), is flushed and fsynced, and only
 then renamed onto the target; the folder is fsynced so the rename itself survives a crash.
+``atomic_open`` is for writers that take a file object, ``atomic_path`` for those that insist on
+a path (exporters); nobody hand-rolls temp files, so ``clean_stale_temps`` recognises them all.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import IO, Any
 
 __all__ = [
     "atomic_open",
+    "atomic_path",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
     "clean_stale_temps",
+    "format_bytes",
     "fsync_dir",
     "is_temp_name",
     "sha256_file",
@@ -69,6 +73,19 @@ def _create_temp(folder: Path, target: Path) -> tuple[int, Path]:
 
 
 @contextmanager
+def _published(target: Path, tmp: Path) -> Iterator[None]:
+    """Rename ``tmp`` onto ``target`` when the block succeeds (then fsync the folder); on any
+    exception, KeyboardInterrupt included, remove ``tmp`` and leave ``target`` untouched."""
+    try:
+        yield
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+@contextmanager
 def atomic_open(
     path: str | os.PathLike[str], mode: str = "wb", *, encoding: str | None = None
 ) -> Iterator[IO[Any]]:
@@ -81,12 +98,11 @@ def atomic_open(
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open supports mode 'wb' or 'w', not {mode!r}")
     target = Path(path)
-    folder = target.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(folder, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temp(target.parent, target)
     if mode == "w" and encoding is None:
         encoding = "utf-8"
-    try:
+    with _published(target, tmp):
         try:
             f = os.fdopen(fd, mode, encoding=encoding)
         except BaseException:
@@ -96,14 +112,24 @@ def atomic_open(
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(folder)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` for writers that need a file name, not a file object.
+
+    The writer creates the file at the yielded path (the ONNX and TorchScript exporters do). On
+    normal exit it is fsynced and renamed onto ``path``, and the folder fsynced; on any
+    exception, or if nothing was written there, the temp file is removed and an existing
+    ``path`` is left untouched (a writer that created nothing raises ``FileNotFoundError``).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / temp_name(target)
+    with _published(target, tmp):
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], Any]) -> Path:
@@ -161,3 +187,15 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = _CHUNK) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def format_bytes(n: float) -> str:
+    """A byte count for messages, in decimal units as ``--cache-max-gb`` counts them (1 MB = 10**6
+    bytes): ``512 bytes``, ``4.2 KB``, ``3.4 MB``, ``1.25 GB``."""
+    if n < 1e3:
+        return f"{int(n)} bytes"
+    if n < 1e6:
+        return f"{n / 1e3:.1f} KB"
+    if n < 1e9:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB"

@@ -21,6 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from cnntrain.fileio import atomic_open
+
 __all__ = ["plot_confusion_matrix", "plot_learning_curves"]
 
 ANNOTATE_MAX_CLASSES = 20  # above this, cell numbers become unreadable
@@ -35,15 +37,13 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
-    """Render to a hidden temp file beside ``path``, then rename it over ``path``."""
+    """Render ``fig`` into ``path`` through :func:`cnntrain.fileio.atomic_open` (fsynced temp file,
+    then rename), so a crash leaves the previous PNG, never half of one; then free the figure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
     finally:
-        tmp.unlink(missing_ok=True)
         fig.clear()
     return path
 

@@ -16,20 +16,21 @@ import glob
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cnntrain import checkpoint, export
-from cnntrain.data import Normalize, decode_image, default_workers, eval_transform
+from cnntrain import checkpoint, exported
+from cnntrain.checkpoint import on_device
+from cnntrain.data import decode_image, default_workers, eval_transform
 from cnntrain.data.datasets import is_hidden, is_image_file
-from cnntrain.data.decode import ImageDecodeError, one_line
-from cnntrain.engine import Batcher
-from cnntrain.errors import UsageError
-from cnntrain.runtime import amp_dtype_for, resolve_device, use_channels_last
+from cnntrain.data.decode import TEXT_LIMIT, ImageDecodeError
+from cnntrain.errors import UsageError, first_line
+from cnntrain.runtime import resolve_device
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
@@ -42,7 +43,7 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
                 str(Path(dirpath) / f)
                 for dirpath, dirnames, filenames in os.walk(path)
                 for f in filenames
-                if not is_hidden(f) and is_image_file(f) and not any(is_hidden(p) for p in Path(dirpath).relative_to(path).parts)
+                if is_image_file(f) and not any(is_hidden(p) for p in Path(dirpath).relative_to(path).parts)
             )
             if not files:
                 found.append((item, "folder contains no images"))
@@ -72,7 +73,7 @@ class _Images(Dataset):
         except Exception as exc:  # any unreadable file becomes an error row, never a crash
             blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
             reason = exc.reason if isinstance(exc, ImageDecodeError) else f"{type(exc).__name__}: {exc}"
-            return blank, index, one_line(reason)
+            return blank, index, first_line(reason, TEXT_LIMIT)
 
 
 def _collate(batch: list[tuple[torch.Tensor, int, str | None]]):
@@ -90,17 +91,6 @@ class Classifier:
     pin_memory: bool = False
 
 
-def on_device(ckpt: dict[str, Any], dev: torch.device) -> tuple[torch.nn.Module, Batcher]:
-    """A checkpoint's model on ``dev``, with the Batcher that feeds it (its normalisation, the
-    device's memory format and mixed precision): what predict and eval share."""
-    model = checkpoint.restore_model(ckpt).to(dev)
-    batcher = Batcher(dev, Normalize(ckpt["mean"], ckpt["std"]).to(dev), use_channels_last(dev, ckpt["img_size"]),
-                      amp_dtype_for(dev, None))
-    if batcher.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model, batcher
-
-
 def _from_checkpoint(weights: str | Path, device: str) -> Classifier:
     ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
     dev = resolve_device(device)
@@ -116,9 +106,9 @@ def _from_checkpoint(weights: str | Path, device: str) -> Classifier:
 
 def load_classifier(weights: str | Path, device: str = "auto") -> Classifier:
     """A checkpoint, or an ONNX / TorchScript export (picked by the file, not by a flag)."""
-    if export.detect_format(weights) is None:
+    if exported.detect_format(weights) is None:
         return _from_checkpoint(weights, device)
-    model = export.load_exported(weights, device)
+    model = exported.load_exported(weights, device)
     return Classifier(model.classes, model.img_size, model)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -73,11 +73,12 @@ def amp_dtype_for(device: torch.device, amp: bool | None) -> torch.dtype | None:
 
 
 def rng_state() -> dict[str, Any]:
+    numpy_state = cast(tuple, np.random.get_state())  # the legacy tuple form: (name, keys, pos, ...)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_pos": int(numpy_state[2]),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

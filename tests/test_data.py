@@ -24,7 +24,6 @@ from cnntrain.data import (
     DatasetSplits,
     ImageDataset,
     Normalize,
-    cache_root,
     decode_image,
     download_verified,
     eval_transform,
@@ -37,7 +36,8 @@ from cnntrain.data import (
 )
 from cnntrain.data import builtins as builtins_mod
 from cnntrain.data import shapes as shapes_mod
-from cnntrain.errors import DataError, UsageError
+from cnntrain.errors import DataError, UsageError, first_line
+from cnntrain.paths import cache_root, datasets_dir
 
 
 def write_image(path: Path, size=(12, 10), colour=(200, 30, 30), mode="RGB", fmt=None, **save) -> Path:
@@ -337,9 +337,19 @@ def test_loader_rejects_bad_options():
 # ---------------------------------------------------------------- built-ins
 
 
+def test_first_line_escapes_text_and_takes_an_exceptions_first_line():
+    assert first_line("two\nlines\r.jpg") == "two\\nlines\\r.jpg"  # a path stays whole and recognisable
+    assert first_line("x" * 400, 300) == "x" * 297 + "..."
+    assert first_line(RuntimeError("  \n worker died  \nTraceback ...\n")) == "worker died"
+    assert first_line(ValueError("bad\nmore"), with_type=True) == "ValueError: bad"
+    assert first_line(KeyError(), with_type=True) == first_line(KeyError()) == "KeyError"
+    assert first_line(OSError("y" * 50), 20, with_type=True) == "OSError: yyyyyyyy..."
+
+
 def test_cache_root_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("CNNTRAIN_HOME", str(tmp_path))
     assert cache_root() == tmp_path
+    assert datasets_dir() == tmp_path / "datasets" and datasets_dir(tmp_path / "x") == tmp_path / "x"
     monkeypatch.delenv("CNNTRAIN_HOME")
     assert cache_root() == Path.home() / ".cache" / "cnntrain"
 

@@ -15,11 +15,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cnntrain import checkpoint, export
+from cnntrain import checkpoint, export, exported
 from cnntrain.cli import app
 from cnntrain.data import IMAGENET_MEAN, IMAGENET_STD
 from cnntrain.errors import CnnTrainError
 from cnntrain.models import get_model, get_spec, list_models
+
+# a CLI training for the shared checkpoint, and the real ONNX exporter + onnxruntime for each family
+pytestmark = pytest.mark.integration
 
 TINY = ["--arch", "resnet18", "--no-pretrained", "--img-size", "32", "--batch-size", "8", "--workers", "0",
         "--device", "cpu", "--val-split", "0.25", "--epochs", "1", "--quiet"]
@@ -69,7 +72,7 @@ def test_export_writes_model_and_sidecar(trained, exports):
     onnx_path, ts_path = exports["onnx"], exports["torchscript"]
     assert onnx_path.is_file() and ts_path.is_file()
     assert "max |logit difference|" in exports["onnx_out"] and "batch sizes 1, 1, 3" in exports["torchscript_out"]
-    meta = json.loads(export.sidecar_path(onnx_path).read_text())
+    meta = json.loads(exported.sidecar_path(onnx_path).read_text())
     assert meta["format"] == "cnntrain-export" and meta["model_format"] == "onnx" and meta["arch"] == "resnet18"
     assert meta["classes"] == ["blue", "green", "red"] and meta["img_size"] == 32 and meta["resize"] == 36
     assert meta["input"] == {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
@@ -77,7 +80,7 @@ def test_export_writes_model_and_sidecar(trained, exports):
     assert meta["output"]["shape"] == [1, 3] and meta["opset"] == 17
     assert meta["source_checkpoint"] == str(trained)
     assert meta["verification"]["max_abs_diff"] <= meta["verification"]["allowed"]
-    ts_meta = json.loads(export.sidecar_path(ts_path).read_text())
+    ts_meta = json.loads(exported.sidecar_path(ts_path).read_text())
     assert ts_meta["model_format"] == "torchscript" and ts_meta["input"]["shape"][0] == "batch"
     assert ts_meta["opset"] is None and ts_meta["verification"]["batch_sizes"] == [1, 1, 3]
     props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
@@ -92,7 +95,7 @@ def test_exports_compute_the_checkpoints_logits(trained, exports):
     with torch.no_grad():
         expected = model(images)
     for fmt in ("onnx", "torchscript"):
-        loaded = export.load_exported(exports[fmt], device="cpu")
+        loaded = exported.load_exported(exports[fmt], device="cpu")
         assert loaded.classes == ckpt["classes"] and loaded.img_size == 32
         got = loaded(images)  # ONNX exported at batch 1: fed image by image
         assert (got - expected).abs().max() < 1e-4, fmt
@@ -109,10 +112,11 @@ def test_predict_with_exports_equals_checkpoint(trained, exports, image_folder, 
     for fmt in ("onnx", "torchscript"):
         got = rows(exports[fmt])
         assert [r["path"] for r in got] == [r["path"] for r in reference]
-        for a, b in zip(reference, got):
+        for a, b in zip(reference, got, strict=True):
             assert b["error"] is None
             assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]], fmt
-            assert max(abs(p["prob"] - q["prob"]) for p, q in zip(a["predictions"], b["predictions"])) <= 1e-4
+            pairs = zip(a["predictions"], b["predictions"], strict=True)
+            assert max(abs(p["prob"] - q["prob"]) for p, q in pairs) <= 1e-4
 
 
 def test_dynamic_batch_onnx_with_chosen_opset(trained, tmp_path, runner):
@@ -123,15 +127,15 @@ def test_dynamic_batch_onnx_with_chosen_opset(trained, tmp_path, runner):
     assert "batch sizes 1, 1, 3" in result.stdout
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", 3, 32, 32] and session.get_inputs()[0].type == "tensor(uint8)"
-    assert json.loads(export.sidecar_path(out).read_text())["opset"] == 13
+    assert json.loads(exported.sidecar_path(out).read_text())["opset"] == 13
 
 
 def test_format_is_detected_from_the_file(trained, exports, tmp_path):
     renamed = tmp_path / "model.pt"  # TorchScript under a checkpoint-like name: found by its zip contents
     renamed.symlink_to(exports["torchscript"])
-    assert export.detect_format(renamed) == "torchscript"
-    assert export.detect_format(exports["onnx"]) == "onnx"
-    assert export.detect_format(trained) is None
+    assert exported.detect_format(renamed) == "torchscript"
+    assert exported.detect_format(exports["onnx"]) == "onnx"
+    assert exported.detect_format(trained) is None
 
 
 # ------------------------------------------------------------------------------- failures
@@ -141,7 +145,7 @@ def _pair(exports, fmt: str, folder: Path) -> Path:
     """A link to the export plus a copy of its sidecar, to damage without touching the original."""
     model = folder / exports[fmt].name
     model.symlink_to(exports[fmt])
-    export.sidecar_path(model).write_text(export.sidecar_path(exports[fmt]).read_text())
+    exported.sidecar_path(model).write_text(exported.sidecar_path(exports[fmt]).read_text())
     return model
 
 
@@ -155,7 +159,7 @@ def _pair(exports, fmt: str, folder: Path) -> Path:
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_missing_or_tampered_sidecar_is_one_line_error(exports, image_folder, tmp_path, runner, fmt, damage, message):
     model = _pair(exports, fmt, tmp_path)
-    side = export.sidecar_path(model)
+    side = exported.sidecar_path(model)
     meta = json.loads(side.read_text())
     if damage == "missing":
         side.unlink()
@@ -173,7 +177,7 @@ def test_missing_or_tampered_sidecar_is_one_line_error(exports, image_folder, tm
 
 
 def test_failed_verification_leaves_nothing_under_the_final_name(trained, tmp_path, runner, monkeypatch):
-    real = export._exported_runner
+    real = exported.open_exported  # export_model verifies through it
 
     def off_by_half(*args, **kwargs):
         runner_ = real(*args, **kwargs)
@@ -181,7 +185,7 @@ def test_failed_verification_leaves_nothing_under_the_final_name(trained, tmp_pa
         runner_._run = lambda images: run(images) + 0.5
         return runner_
 
-    monkeypatch.setattr(export, "_exported_runner", off_by_half)
+    monkeypatch.setattr(exported, "open_exported", off_by_half)
     for fmt in ("onnx", "torchscript"):
         out = tmp_path / f"model.{fmt}"
         out.write_bytes(b"previous export")  # an earlier good file must survive a failed re-export
@@ -190,7 +194,7 @@ def test_failed_verification_leaves_nothing_under_the_final_name(trained, tmp_pa
         assert "disagrees with the PyTorch model" in line and "difference| 0.5 >" in line
         assert "nothing was written" in line
         assert out.read_bytes() == b"previous export"
-        assert not export.sidecar_path(out).exists()
+        assert not exported.sidecar_path(out).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.torchscript"]
 
 
@@ -268,7 +272,7 @@ def _export_fresh(arch: str, size: int, fmt: str, folder: Path) -> export.Export
     result = export.export_model(model, out, fmt, arch=arch, classes=["a", "b", "c"], img_size=size,
                                  mean=IMAGENET_MEAN, std=IMAGENET_STD, dynamic_batch=True)
     assert result.max_abs_diff <= result.allowed and result.batch_sizes == [1, 1, 3]
-    logits = export.load_exported(out, device="cpu")(torch.zeros(2, 3, size, size, dtype=torch.uint8))
+    logits = exported.load_exported(out, device="cpu")(torch.zeros(2, 3, size, size, dtype=torch.uint8))
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     return result
 
@@ -286,5 +290,5 @@ def test_channel_shuffle_and_conv_heads_trace_to_torchscript(arch, tmp_path):
 
 
 def test_export_error_is_a_cnntrain_error():
-    assert issubclass(export.ExportError, CnnTrainError) and issubclass(export.MissingDependencyError, CnnTrainError)
-    assert os.fspath(export.sidecar_path("a/best.onnx")) == os.path.join("a", "best.onnx.json")
+    assert issubclass(export.ExportError, CnnTrainError) and issubclass(exported.MissingDependencyError, CnnTrainError)
+    assert os.fspath(exported.sidecar_path("a/best.onnx")) == os.path.join("a", "best.onnx.json")

@@ -15,12 +15,20 @@ from torch.utils.data import DataLoader
 
 from cnntrain.cli import app
 from cnntrain.config import build_config
-from cnntrain.data import ImageDataset, Unreadable, collate_skipping, eval_transform, make_loader, train_transform
-from cnntrain.data import imagecache
+from cnntrain.data import (
+    ImageDataset,
+    Unreadable,
+    collate_skipping,
+    eval_transform,
+    imagecache,
+    make_loader,
+    train_transform,
+)
 from cnntrain.data.decode import ImageDecodeError
-from cnntrain.data.imagecache import build_image_cache, cache_key, images_root, open_disk_cache, resized_size
+from cnntrain.data.imagecache import build_image_cache, cache_key, open_disk_cache, resized_size
 from cnntrain.data.transforms import CROP_RATIO
 from cnntrain.errors import UsageError
+from cnntrain.paths import image_cache_dir
 
 IMG = 32
 SHORT = int(IMG / CROP_RATIO)  # 36: what eval resizes to, and what the cache keeps
@@ -73,7 +81,7 @@ def test_eval_through_the_cache_is_bitwise_the_same(samples, mode):
     assert len(lines) == 1 and lines[0].startswith(f"image cache: {mode}") and "7 images" in lines[0]
     plain = _items(ImageDataset(samples, eval_transform(IMG)))
     cached = _items(ImageDataset(samples, eval_transform(IMG), cache=cache))
-    for (a, la), (b, lb) in zip(plain, cached):
+    for (a, la), (b, lb) in zip(plain, cached, strict=True):
         assert la == lb and a.dtype == b.dtype == torch.uint8 and torch.equal(a, b)
     # Stored at the resize rule's size: short side 36, or as decoded when already smaller.
     raw = _items(ImageDataset(samples))
@@ -98,7 +106,7 @@ def test_train_transforms_run_on_cached_images_without_touching_the_cache(sample
     before = cache.data.clone()
     torch.manual_seed(0)
     dataset = ImageDataset(samples, train_transform(IMG, ["trivialaugment", "erasing"]), cache=cache)
-    for image, label in _items(dataset) * 3:
+    for image, _label in _items(dataset) * 3:
         assert image.dtype == torch.uint8 and tuple(image.shape) == (3, IMG, IMG)
     assert torch.equal(cache.data, before)
 
@@ -138,12 +146,12 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(samples, monkeypat
         _build(samples, "disk")
     key = cache_key([p for p, _ in samples], SHORT)
     assert open_disk_cache(key) is None
-    assert not [p for p in images_root().iterdir() if p.is_dir()]  # its build folder is gone too
+    assert not [p for p in image_cache_dir().iterdir() if p.is_dir()]  # its build folder is gone too
 
 
 def test_leftovers_of_a_killed_build_are_never_reused(samples):
     key = cache_key([p for p, _ in samples], SHORT)
-    root = images_root()
+    root = image_cache_dir()
     # kill -9 mid-build: a temp folder (data, no index) and, from some older writer, a keyed
     # folder without its index. Neither may be read.
     stale = root / f".{key}.tmp-dead"
@@ -158,7 +166,7 @@ def test_leftovers_of_a_killed_build_are_never_reused(samples):
     assert cache.folder == half and "reused" not in lines[0]
     assert not stale.exists()  # a stale build folder is cleaned up
     plain = _items(ImageDataset(samples, eval_transform(IMG)))
-    for (a, _), (b, _) in zip(plain, _items(ImageDataset(samples, eval_transform(IMG), cache=cache))):
+    for (a, _), (b, _) in zip(plain, _items(ImageDataset(samples, eval_transform(IMG), cache=cache)), strict=True):
         assert torch.equal(a, b)
 
 
@@ -198,7 +206,7 @@ def test_header_that_lies_falls_back_to_the_file(samples, monkeypatch):
     cache, lines = _build(samples)
     assert "7 read from their files" in lines[0]
     plain = _items(ImageDataset(samples, eval_transform(IMG)))
-    for (a, _), (b, _) in zip(plain, _items(ImageDataset(samples, eval_transform(IMG), cache=cache))):
+    for (a, _), (b, _) in zip(plain, _items(ImageDataset(samples, eval_transform(IMG), cache=cache)), strict=True):
         assert torch.equal(a, b)
 
 
@@ -261,6 +269,7 @@ def test_loader_workers_read_the_cache(samples, mode):
         assert torch.equal(a, b) and torch.equal(ta, tb)
 
 
+@pytest.mark.integration  # a spawned worker imports torch afresh
 def test_spawned_workers_read_the_ram_cache(samples):
     cache, _ = _build(samples, "ram")
     dataset = ImageDataset(samples, eval_transform(IMG), cache=cache)
@@ -278,6 +287,7 @@ def test_config_validates_cache_options():
             build_config({}, bad)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", ["ram", "disk"])
 def test_train_end_to_end_with_cache(runner, image_folder, tmp_path, mode):
     result = runner.invoke(app, ["train", "--data-path", str(image_folder), "--arch", "resnet18", "--no-pretrained",
@@ -289,7 +299,7 @@ def test_train_end_to_end_with_cache(runner, image_folder, tmp_path, mode):
     assert ("--gpu-decode needs a CUDA device" in result.output) == (mode == "ram")  # falls back on the CPU
     assert (tmp_path / "exp" / "best.pt").is_file()
     if mode == "disk":
-        assert len([p for p in images_root().iterdir() if p.is_dir()]) == 1
+        assert len([p for p in image_cache_dir().iterdir() if p.is_dir()]) == 1
 
 
 def test_train_rejects_bad_cache_options(runner, image_folder, tmp_path):
@@ -336,10 +346,11 @@ def test_gpu_decode_path_gives_the_cpu_batches(jpegs):
     kinds = [type(EncodedImageDataset(jpegs)[i]) for i in range(len(jpegs))]
     assert kinds[0] is kinds[1] is Encoded and kinds[2] is kinds[3] is kinds[4] is tuple  # CMYK, PNGs: CPU path
     assert all(k is Encoded for k in kinds[5:])  # EXIF orientation is applied on the device
-    for transform, workers, seeded in ((eval_transform(IMG), 2, False), (train_transform(IMG, ["trivialaugment"]), 0, True)):
+    for transform, workers, seeded in ((eval_transform(IMG), 2, False),
+                                       (train_transform(IMG, ["trivialaugment"]), 0, True)):
         cpu, device = _gpu_path_batches(jpegs, transform, workers, seeded)
         assert len(cpu) == len(device) == 3
-        for (a, ta), (b, tb) in zip(cpu, device):
+        for (a, ta), (b, tb) in zip(cpu, device, strict=True):
             assert a.dtype == b.dtype == torch.uint8 and torch.equal(a, b) and torch.equal(ta, tb)
 
 
@@ -358,7 +369,8 @@ def test_gpu_decode_falls_back_to_the_cpu_decoder(jpegs, tmp_path, monkeypatch, 
     real = gpu_decode._decode_jpegs
     monkeypatch.setattr(gpu_decode, "_decode_jpegs", lambda blobs, device: [None] + real(blobs[1:], device))
     _, again = _gpu_path_batches(jpegs[5:], eval_transform(IMG))  # orient2 refused "by the GPU": PIL decodes it
-    assert torch.equal(torch.cat([x for x, _ in again]), torch.cat([x for x, _ in _gpu_path_batches(jpegs[5:], eval_transform(IMG))[0]]))
+    cpu_again = _gpu_path_batches(jpegs[5:], eval_transform(IMG))[0]
+    assert torch.equal(torch.cat([x for x, _ in again]), torch.cat([x for x, _ in cpu_again]))
 
 
 def test_gpu_decode_needs_cuda():

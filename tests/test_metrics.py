@@ -63,7 +63,7 @@ def test_per_class_precision_recall_f1_support():
     # class 1: tp 1, predicted 5, support 2 -> p 0.2, r 0.5, f1 = 0.2/0.7 = 2/7
     # class 2: tp 0, predicted 0, support 4 -> p 0 (not NaN), r 0, f1 0
     expected = [(0.5, 2 / 3, 4 / 7, 3), (0.2, 0.5, 2 / 7, 2), (0.0, 0.0, 0.0, 4)]
-    for row, (p, r, f1, support) in zip(rows, expected):
+    for row, (p, r, f1, support) in zip(rows, expected, strict=True):
         assert row["precision"] == pytest.approx(p)
         assert row["recall"] == pytest.approx(r)
         assert row["f1"] == pytest.approx(f1)
@@ -95,7 +95,7 @@ def test_batches_accumulate_to_one_shot():
     one_shot = ConfusionMatrix(5)
     one_shot.update(preds, targets)
     batched = ConfusionMatrix(5)
-    for p, t in zip(preds.split(16), targets.split(16)):
+    for p, t in zip(preds.split(16), targets.split(16), strict=True):
         batched.update(p, t)
     assert torch.equal(one_shot.matrix, batched.matrix)
     assert batched.total == 103

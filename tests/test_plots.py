@@ -14,7 +14,7 @@ from cnntrain.plots import plot_confusion_matrix, plot_learning_curves
 
 def _assert_png(path: Path) -> tuple[int, int]:
     assert path.is_file() and path.stat().st_size > 0
-    assert not list(path.parent.glob(".*.tmp")), "temp file left behind"
+    assert not list(path.parent.glob(".*.tmp*")), "temp file left behind"
     with Image.open(path) as im:
         assert im.format == "PNG"
         im.verify()

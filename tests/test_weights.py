@@ -374,6 +374,41 @@ def test_atomic_write_failure_keeps_target(tmp_path: Path) -> None:
     assert _listing(tmp_path) == {"state.pth"}
 
 
+def test_atomic_path_publishes_only_a_finished_file(tmp_path: Path) -> None:
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous")
+    with pytest.raises(ZeroDivisionError), fileio.atomic_path(target) as tmp:
+        assert fileio.is_temp_name(tmp.name) and tmp.parent == tmp_path
+        tmp.write_bytes(b"half of the new")
+        1 / 0  # noqa: B018
+    assert target.read_bytes() == b"previous" and _listing(tmp_path) == {"model.onnx"}
+    with pytest.raises(FileNotFoundError), fileio.atomic_path(target):
+        pass  # a writer that wrote nothing must not publish nothing
+    assert target.read_bytes() == b"previous" and _listing(tmp_path) == {"model.onnx"}
+    with fileio.atomic_path(tmp_path / "new" / "model.onnx") as tmp:
+        tmp.write_bytes(b"new")
+    assert (tmp_path / "new" / "model.onnx").read_bytes() == b"new" and _listing(tmp_path / "new") == {"model.onnx"}
+
+
+def test_format_bytes_counts_decimal_units() -> None:
+    assert [fileio.format_bytes(n) for n in (0, 999, 4_200, 3_400_000, 1_250_000_000)] == [
+        "0 bytes", "999 bytes", "4.2 KB", "3.4 MB", "1.25 GB"]
+
+
+def test_weights_dir_is_torch_hubs_with_or_without_torch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sys
+
+    from cnntrain import paths
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    assert weights.cache_dir() == paths.weights_dir() == Path(torch.hub.get_dir()) / "checkpoints"
+    monkeypatch.setitem(sys.modules, "torch.hub", None)  # as if torch were not loaded: computed the same way
+    assert paths.weights_dir() == tmp_path / "th" / "hub" / "checkpoints"
+    monkeypatch.delenv("TORCH_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert paths.weights_dir() == tmp_path / "xdg" / "torch" / "hub" / "checkpoints"
+
+
 def test_clean_stale_temps_and_sha256(tmp_path: Path) -> None:
     keep = fileio.atomic_write_bytes(tmp_path / "keep.pth", b"data")
     stale = tmp_path / fileio.temp_name(keep)

@@ -6,19 +6,18 @@ float there (see DESIGN.md, "The input path").
 """
 
 from cnntrain.data.builtins import BUILTIN_DATASETS, load_builtin
+from cnntrain.data.dataset_download import download_verified, extract_tar, verify_file
 from cnntrain.data.datasets import (
     IMG_EXTENSIONS,
     DatasetSplits,
     ImageDataset,
     Unreadable,
-    cache_root,
     decode_image,
     load_folder,
     scan_classes,
     split_samples,
 )
 from cnntrain.data.decode import ImageDecodeError
-from cnntrain.data.download import download_verified, extract_tar, verify_file
 from cnntrain.data.imagecache import ImageCache, build_image_cache
 from cnntrain.data.loader import collate_skipping, default_workers, make_loader, seed_worker
 from cnntrain.data.scan import ScanResult, scan_samples
@@ -46,7 +45,6 @@ __all__ = [
     "Normalize",
     "ScanResult",
     "Unreadable",
-    "cache_root",
     "collate_skipping",
     "decode_image",
     "build_image_cache",

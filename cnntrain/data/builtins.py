@@ -17,10 +17,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from cnntrain.data.datasets import DatasetSplits, _check_val_split, cache_root, load_folder
-from cnntrain.data.download import download_verified, extract_tar, publish_dir, verify_file
+from cnntrain.data.dataset_download import download_verified, extract_tar, publish_dir, verify_file
+from cnntrain.data.datasets import DatasetSplits, _check_val_split, load_folder
 from cnntrain.data.shapes import SHAPES_VERSION, generate_shapes
 from cnntrain.errors import DataError, UsageError
+from cnntrain.paths import datasets_dir
 
 BUILTIN_DATASETS = ("shapes", "flowers", "cifar10", "cifar100")
 
@@ -28,11 +29,6 @@ FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_im
 FLOWERS_SIZE = 228_813_984
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
 FLOWERS_DIR = "flower_photos"
-
-
-def datasets_dir(root: str | os.PathLike | None = None) -> Path:
-    """Where built-ins live: ``root`` if given, else ``cache_root()/"datasets"``."""
-    return Path(root).expanduser() if root is not None else cache_root() / "datasets"
 
 
 def load_builtin(

@@ -21,27 +21,18 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from cnntrain.data.decode import ImageDecodeError, decode_image, one_line
-from cnntrain.errors import DataError, UsageError
-
-if TYPE_CHECKING:  # imagecache imports this module
-    from cnntrain.data.imagecache import ImageCache
+from cnntrain.data.decode import TEXT_LIMIT, ImageDecodeError, decode_image
+from cnntrain.data.imagecache import ImageCache
+from cnntrain.errors import DataError, UsageError, first_line
 
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VAL_FOLDER_NAMES = ("val", "valid", "validation", "test")
 _LAYOUT_HINT = "expected one sub-folder per class, e.g. DIR/daisy/*.jpg"
-
-
-def cache_root() -> Path:
-    """``$CNNTRAIN_HOME`` if set, else ``~/.cache/cnntrain``; datasets live in its ``datasets/``."""
-    home = os.environ.get("CNNTRAIN_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "cnntrain"
 
 
 def is_hidden(name: str) -> bool:
@@ -313,8 +304,9 @@ class ImageDataset(torch.utils.data.Dataset):
             if not self.skip_unreadable:
                 raise
             reason = e.reason if isinstance(e, ImageDecodeError) else str(e)
-            logger.warning("skipping unreadable image %s: %s", one_line(path), one_line(reason))
-            return Unreadable(label, str(path), one_line(reason))
+            reason = first_line(reason, TEXT_LIMIT)
+            logger.warning("skipping unreadable image %s: %s", first_line(path, TEXT_LIMIT), reason)
+            return Unreadable(label, str(path), reason)
         if self.transform is not None:
             image = self.transform(image)
         return image, label

@@ -18,11 +18,13 @@ import stat
 import warnings
 
 import numpy as np
+import PIL
 import torch
+import torchvision
 from PIL import ExifTags, Image, UnidentifiedImageError
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from cnntrain.errors import DataError
+from cnntrain.errors import DataError, first_line
 
 #: Largest image accepted, in pixels (width x height), checked from the header before decoding.
 #: 64 MP covers every phone and most DSLRs; a PNG claiming 20000x20000 (400 MP, 1.2 GB as RGB)
@@ -38,6 +40,10 @@ MAX_ASPECT_RATIO: float | None = 100.0
 #: White, because transparent images in the wild are mostly logos and product shots on white.
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
+#: Longest path or reason (in characters) put into an error, a log line or an error row; a
+#: longer one ends in ``...``. Every data module passes it to :func:`cnntrain.errors.first_line`.
+TEXT_LIMIT = 300
+
 _ORIENTATION = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -50,22 +56,17 @@ _ORIENTATION = {
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
-def one_line(text: object, limit: int = 300) -> str:
-    """``text`` as a single line (newlines escaped, long text cut), safe for logs and error rows."""
-    s = str(text).replace("\r", "\\r").replace("\n", "\\n")
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
 class ImageDecodeError(DataError):
     """An image file that cannot be decoded; ``path`` and a short ``reason`` for reports."""
 
     def __init__(self, path: str | os.PathLike, reason: str, *, transient: bool = False) -> None:
         self.path = os.fspath(path)
-        self.reason = one_line(reason)
+        self.reason = first_line(reason, TEXT_LIMIT)
         #: True when the cause may go away without the file changing (e.g. permissions),
         #: so a scan cache must not remember it.
         self.transient = transient
-        super().__init__(f"cannot read image {one_line(self.path)}: {self.reason}; remove or replace the file")
+        super().__init__(f"cannot read image {first_line(self.path, TEXT_LIMIT)}: {self.reason}; "
+                         "remove or replace the file")
 
 
 def _reason(exc: BaseException) -> tuple[str, bool]:
@@ -80,12 +81,25 @@ def _reason(exc: BaseException) -> tuple[str, bool]:
         return "permission denied", True
     if isinstance(exc, MemoryError):
         return "out of memory while decoding", True
-    text = str(exc).strip()
-    if "truncated" in text.lower():  # Pillow words it several ways depending on where the data ends
+    if "truncated" in str(exc).lower():  # Pillow words it several ways depending on where the data ends
         return "file is truncated (an incomplete download or copy?)", False
+    transient = isinstance(exc, OSError) and exc.errno is not None
     if isinstance(exc, OSError) and exc.strerror:
-        text = exc.strerror  # the path is reported separately
-    return (text.splitlines()[0] if text else type(exc).__name__), isinstance(exc, OSError) and exc.errno is not None
+        return exc.strerror, transient  # the path is reported separately
+    return first_line(exc), transient
+
+
+def decoder_id() -> str:
+    """What a decoded image depends on besides its file, for caches of anything derived from it.
+
+    The scan cache (verdicts) and the disk image cache (resized pixels) both store this and
+    distrust entries made under another one: the Pillow, torch and torchvision versions, the
+    CPU's vector path (resize kernels round differently), the size limits and the background
+    that transparency is composited onto.
+    """
+    return (f"pillow {PIL.__version__} torch {torch.__version__} torchvision {torchvision.__version__} "
+            f"cpu {torch.backends.cpu.get_cpu_capability()} "
+            f"limits {MAX_IMAGE_PIXELS} {MAX_ASPECT_RATIO} background {BACKGROUND}")
 
 
 def _check_geometry(path: str | os.PathLike, size: tuple[int, int]) -> None:

@@ -23,14 +23,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import PIL
 import torch
-import torchvision
 
 from cnntrain import fileio
-from cnntrain.data import decode
-from cnntrain.data.datasets import cache_root
+from cnntrain.data.decode import decoder_id
 from cnntrain.errors import DataError
+from cnntrain.paths import image_cache_dir
 
 CACHE_VERSION = 1
 #: A temporary build folder untouched this long belongs to a killed build and is removed.
@@ -49,21 +47,15 @@ class StoredCache(NamedTuple):
     nbytes: int
 
 
-def images_root() -> Path:
-    """Where disk caches live: ``cache_root()/images`` (delete it to clear them all)."""
-    return cache_root() / "images"
-
-
-def _decoder_id() -> str:
-    """What the cached pixels depend on besides the files: decoder, resize kernel, CPU path."""
-    return (f"v{CACHE_VERSION} pillow {PIL.__version__} torch {torch.__version__} torchvision "
-            f"{torchvision.__version__} cpu {torch.backends.cpu.get_cpu_capability()} "
-            f"limits {decode.MAX_IMAGE_PIXELS} {decode.MAX_ASPECT_RATIO} background {decode.BACKGROUND}")
+def _pixels_id() -> str:
+    """What the cached pixels depend on besides the files: this layout's version and the decoder
+    (:func:`~cnntrain.data.decode.decoder_id`, which covers the resize kernel and CPU path too)."""
+    return f"v{CACHE_VERSION} {decoder_id()}"
 
 
 def cache_key(paths: Sequence[str], short_side: int) -> str:
     """Hash of the sample list (order, absolute paths, sizes, mtimes), the resize and the decoder."""
-    h = hashlib.sha256(f"{_decoder_id()}\nshort_side {short_side}\n".encode())
+    h = hashlib.sha256(f"{_pixels_id()}\nshort_side {short_side}\n".encode())
     for path in paths:
         try:
             st = os.stat(path)
@@ -76,7 +68,7 @@ def cache_key(paths: Sequence[str], short_side: int) -> str:
 
 def read_disk_cache(key: str) -> StoredCache | None:
     """The complete disk cache with this key, or None (absent, still building, damaged)."""
-    folder = images_root() / key
+    folder = image_cache_dir() / key
     try:
         index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
         if index.get("version") != CACHE_VERSION or index.get("key") != key:
@@ -152,7 +144,7 @@ def write_disk_cache(paths: Sequence[str], nbytes: int, key: str, short_side: in
                      log: Callable[[str], None]) -> StoredCache:
     """Build the disk cache ``key`` of ``nbytes`` with ``fill`` (unless another process just
     did) and return it as read back; a failed or killed build leaves nothing that looks complete."""
-    root = images_root()
+    root = image_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     with _build_lock(root / f".{key}.lock", log):
         found = read_disk_cache(key)  # built by another process while we waited
@@ -180,7 +172,7 @@ def write_disk_cache(paths: Sequence[str], nbytes: int, key: str, short_side: in
             with fileio.atomic_open(tmp / "entries.npy", "wb") as f:
                 np.save(f, entries.numpy(), allow_pickle=False)
             index = {"version": CACHE_VERSION, "key": key, "short_side": short_side, "count": len(paths),
-                     "nbytes": nbytes, "decoder": _decoder_id(), "reasons": {str(i): r for i, r in reasons.items()},
+                     "nbytes": nbytes, "decoder": _pixels_id(), "reasons": {str(i): r for i, r in reasons.items()},
                      "first": os.path.abspath(paths[0]) if paths else None}
             fileio.atomic_write_text(tmp / "index.json", json.dumps(index))  # last: marks it complete
             try:

@@ -31,8 +31,9 @@ from PIL import Image
 
 from cnntrain.data import decode
 from cnntrain.data.datasets import ImageDataset, Unreadable
-from cnntrain.data.decode import ImageDecodeError, decode_image, one_line
+from cnntrain.data.decode import TEXT_LIMIT, ImageDecodeError, decode_image
 from cnntrain.data.loader import collate_skipping
+from cnntrain.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class EncodedImageDataset(ImageDataset):
     and transformed here, or :class:`Unreadable`. Pair it with :func:`collate_encoded`.
     """
 
-    def __getitem__(self, index: int) -> Encoded | tuple[torch.Tensor, int] | Unreadable:
+    def __getitem__(self, index: int) -> Encoded | tuple[torch.Tensor, int] | Unreadable:  # type: ignore[override]
         path, label = self.samples[index]
         if not str(path).lower().endswith(JPEG_EXTENSIONS):
             return super().__getitem__(index)
@@ -130,7 +131,7 @@ class EncodedBatch:
     def __len__(self) -> int:
         return len(self.items)
 
-    def pin_memory(self) -> "EncodedBatch":
+    def pin_memory(self) -> EncodedBatch:
         """Called by DataLoader(pin_memory=True): pin the bytes and pixels for async copies."""
         for item in self.items:
             if isinstance(item, Encoded):
@@ -155,7 +156,7 @@ class EncodedBatch:
                     try:
                         image = decode_image(item.path).to(device)
                     except ImageDecodeError as e:
-                        logger.warning("skipping unreadable image %s: %s", one_line(item.path), e.reason)
+                        logger.warning("skipping unreadable image %s: %s", first_line(item.path, TEXT_LIMIT), e.reason)
                         continue
                 else:
                     image = _ORIENT.get(item.orientation, lambda t: t)(image)

@@ -20,7 +20,7 @@ width and a tag of its path):
 - ``ram``: one tensor in shared memory, so DataLoader workers (fork or spawn) read it without
   copying. It is allocated once at its final size, from the header sizes, so it never exceeds
   the budget (``--cache-max-gb``, default a quarter of the available memory).
-- ``disk``: a memory-mapped file in ``cache_root()/images/<key>/``; the key hashes the file
+- ``disk``: a memory-mapped file in ``cnntrain.paths.image_cache_dir()/<key>/``; the key hashes the file
   list, sizes and mtimes, the resize and the decoder, so a changed file means a new cache.
   It is built in a temporary folder and renamed into place when complete (its index is
   written last), so a killed build never looks complete; a complete one is reused read-only,
@@ -39,37 +39,36 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from cnntrain.choices import CACHE_MODES
 from cnntrain.data import decode
-from cnntrain.data.decode import ImageDecodeError, decode_image, one_line
+from cnntrain.data.decode import TEXT_LIMIT, ImageDecodeError, decode_image
 from cnntrain.data.diskcache import (
     StoredCache,
     cache_key,
     free_space,
-    images_root,
     map_data,
     read_disk_cache,
     write_disk_cache,
 )
-from cnntrain.errors import DataError, UsageError
+from cnntrain.data.pool import POOL_THRESHOLD, run_in_workers
+from cnntrain.errors import DataError, UsageError, first_line
+from cnntrain.fileio import format_bytes
+from cnntrain.paths import image_cache_dir
 
-#: Values of ``--cache``.
-MODES = ("auto", "ram", "disk", "none")
 #: Free space a disk cache must leave behind on its file system.
 DISK_RESERVE = 512 * 2**20
-#: Below this many files, reading headers in worker processes costs more than it saves.
-POOL_THRESHOLD = 512
-GB = 1e9  # --cache-max-gb counts decimal gigabytes, like the sizes printed
+GB = 1e9  # --cache-max-gb counts decimal gigabytes, like the sizes printed (fileio.format_bytes)
 
 # The height column holds these for images that have no pixels in the cache.
 _MISSING = -1  # failed to decode for good: ImageDataset reports it as unreadable
@@ -108,6 +107,7 @@ class ImageCache:
     @property
     def data(self) -> torch.Tensor:
         if self._data is None:
+            assert self.folder is not None, "a cache without pixels in memory is a disk cache"
             self._data = map_data(self.folder, self.nbytes)
         return self._data
 
@@ -126,21 +126,22 @@ class ImageCache:
         offset, height, width, tag = self.entries[index].tolist()
         if tag != path_tag(path):
             # A bug, not bad data: it must not pass for an unreadable file (skip_unreadable).
-            raise ValueError(f"the image cache holds another image at index {index} than {one_line(path)}; "
-                             "build the cache for exactly this sample list, in this order")
+            raise ValueError(f"the image cache holds another image at index {index} than "
+                             f"{first_line(path, TEXT_LIMIT)}; build the cache for exactly this sample list, "
+                             "in this order")
         if height == _MISSING:
             raise ImageDecodeError(path, self.reasons.get(index, "unreadable when the cache was built"))
         if height == _UNCACHED:
             return None
         return self.data[offset: offset + 3 * height * width].view(3, height, width).clone()
 
-    def split(self, n: int) -> tuple["ImageCache", "ImageCache"]:
+    def split(self, n: int) -> tuple[ImageCache, ImageCache]:
         """Views of the first ``n`` images and of the rest (one cache built for train + val)."""
         first = {i: r for i, r in self.reasons.items() if i < n}
         rest = {i - n: r for i, r in self.reasons.items() if i >= n}
         return (self._view(self.entries[:n], first), self._view(self.entries[n:], rest))
 
-    def _view(self, entries: torch.Tensor, reasons: dict[int, str]) -> "ImageCache":
+    def _view(self, entries: torch.Tensor, reasons: dict[int, str]) -> ImageCache:
         return ImageCache(self.mode, entries, reasons, data=self._data, folder=self.folder, nbytes=self.nbytes)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -155,10 +156,6 @@ class ImageCache:
 
 
 # ------------------------------------------------------------------------------ sizes and budget
-
-
-def format_bytes(n: float) -> str:
-    return f"{n / GB:.2f} GB" if n >= GB else f"{n / 1e6:.1f} MB"
 
 
 def available_memory() -> int | None:
@@ -255,30 +252,16 @@ class _Decode(Dataset):
         except ImageDecodeError as e:
             return index, None, e.reason, e.transient
         except DataError as e:
-            return index, None, one_line(e), True
+            return index, None, first_line(e, TEXT_LIMIT), True
         if min(image.shape[-2:]) > self.short_side:
             image = self.resize(image)
         return index, image.contiguous(), None, False
 
 
-def _as_list(batch: list[Any]) -> list[Any]:
-    return batch
-
-
-def _run(dataset: Dataset, workers: int) -> Iterator[Any]:
-    """Items of ``dataset`` in order, computed in ``workers`` processes (0: here)."""
-    if workers == 0:
-        yield from (dataset[i] for i in range(len(dataset)))  # type: ignore[arg-type]
-        return
-    loader = DataLoader(dataset, batch_size=8, num_workers=workers, collate_fn=_as_list)
-    for batch in loader:
-        yield from batch
-
-
 def estimate_bytes(paths: Sequence[str], short_side: int, workers: int = 0) -> np.ndarray:
     """Bytes each image will take in the cache, from headers (int64 array; 0: unreadable)."""
     workers = workers if len(paths) >= POOL_THRESHOLD else 0
-    return np.fromiter(_run(_Headers(paths, short_side), workers), dtype=np.int64, count=len(paths))
+    return np.fromiter(run_in_workers(_Headers(paths, short_side), workers), dtype=np.int64, count=len(paths))
 
 
 def _fill(paths: Sequence[str], sizes: np.ndarray, short_side: int, buffer: torch.Tensor, workers: int,
@@ -290,7 +273,7 @@ def _fill(paths: Sequence[str], sizes: np.ndarray, short_side: int, buffer: torc
     entries[:, 3] = torch.tensor([path_tag(p) for p in paths], dtype=torch.int64)
     reasons: dict[int, str] = {}
     with tqdm(total=len(paths), desc="caching images", unit="img", disable=not progress, leave=False) as bar:
-        for index, image, reason, transient in _run(_Decode(paths, short_side), workers):
+        for index, image, reason, transient in run_in_workers(_Decode(paths, short_side), workers):
             bar.update()
             if image is None:
                 entries[index, 1] = _UNCACHED if transient else _MISSING
@@ -365,8 +348,8 @@ def build_image_cache(
     decode in parallel (0: in this process). ``log`` gets one line: the mode, size, image count
     and seconds. The cache is built for exactly this sample list in this order.
     """
-    if mode not in MODES:
-        raise UsageError(f"--cache must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode not in CACHE_MODES:
+        raise UsageError(f"--cache must be one of {', '.join(CACHE_MODES)}, not {mode!r}")
     if isinstance(short_side, bool) or not isinstance(short_side, int) or short_side < 1:
         raise UsageError(f"the cache's short side must be a positive integer, got {short_side!r}")
     if max_gb is not None and not max_gb > 0:
@@ -382,7 +365,7 @@ def build_image_cache(
     if found is None:
         sizes = estimate_bytes(paths, short_side, workers)
         budget = int(max_gb * GB) if max_gb is not None else default_budget()
-        chosen = _choose(mode, int(sizes.sum()), budget, images_root(), log)
+        chosen = _choose(mode, int(sizes.sum()), budget, image_cache_dir(), log)
         if chosen == "none":
             return None
 

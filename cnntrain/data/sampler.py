@@ -10,7 +10,7 @@ batch B draw, step by step, exactly the samples one process with batch N x B wou
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sized
+from collections.abc import Iterator, Sized
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
@@ -32,7 +32,7 @@ class EpochSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.num_samples - self.skip
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=gen) if self.shuffle else torch.arange(self.size)
         # One 63-bit seed per sample, drawn from the same epoch generator.

@@ -6,9 +6,10 @@ decoded with the same :func:`~cnntrain.data.decode.decode_image` that training u
 scan accepts, training can read.
 
 Decoding a large dataset takes a while, so results are cached per file by (absolute path,
-size, mtime_ns) in ``cache_root()/scan/<hash of the dataset root>.json``; a second run decodes
-only new or changed files. The cache also records the Pillow version and the size limits, so
-upgrading either re-checks everything.
+size, mtime_ns) in ``cnntrain.paths.scan_cache_dir()/<hash of the dataset root>.json``; a second
+run decodes only new or changed files. The cache also records the decoder's identity
+(:func:`~cnntrain.data.decode.decoder_id`: library versions, size limits), so upgrading any of
+them re-checks everything.
 """
 
 from __future__ import annotations
@@ -24,22 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import PIL
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from cnntrain import fileio
-from cnntrain.data import decode
-from cnntrain.data.datasets import cache_root
-from cnntrain.data.decode import ImageDecodeError, decode_image, one_line
+from cnntrain.data.decode import TEXT_LIMIT, ImageDecodeError, decode_image, decoder_id
 from cnntrain.data.loader import default_workers
-from cnntrain.errors import DataError, UsageError
+from cnntrain.data.pool import POOL_THRESHOLD, run_in_workers
+from cnntrain.errors import DataError, UsageError, first_line
+from cnntrain.paths import scan_cache_dir
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-#: Below this many files to decode, worker processes cost more to start than they save.
-POOL_THRESHOLD = 512
 #: Files listed by :meth:`ScanResult.warning` and in a strict-mode error.
 WARN_LIMIT = 20
 ERROR_LIMIT = 3
@@ -64,40 +62,35 @@ class ScanResult:
             return None
         lines = [f"skipping {len(self.bad):,} of {self.total:,} images that cannot be read "
                  "(remove or replace them to use them):"]
-        lines += [f"  {one_line(path)}: {reason}" for path, reason in self.bad[:limit]]
+        lines += [f"  {first_line(path, TEXT_LIMIT)}: {reason}" for path, reason in self.bad[:limit]]
         if len(self.bad) > limit:
             lines.append(f"  ... and {len(self.bad) - limit:,} more")
         return "\n".join(lines)
 
     def error(self, limit: int = ERROR_LIMIT) -> str:
         """The one-line strict-mode error: a count and the first few files with reasons."""
-        shown = "; ".join(f"{one_line(p)} ({r})" for p, r in self.bad[:limit])
+        shown = "; ".join(f"{first_line(p, TEXT_LIMIT)} ({r})" for p, r in self.bad[:limit])
         more = f"; and {len(self.bad) - limit:,} more" if len(self.bad) > limit else ""
         return (f"{len(self.bad):,} of {self.total:,} images cannot be read: {shown}{more}; "
                 "remove or replace them, or scan without strict checking to skip them")
 
 
-def _decoder_id() -> str:
-    """What a cached verdict depends on besides the file itself."""
-    return f"pillow {PIL.__version__}, max_pixels {decode.MAX_IMAGE_PIXELS}, max_aspect {decode.MAX_ASPECT_RATIO}"
-
-
 def _cache_file(paths: Sequence[str]) -> Path:
-    """``cache_root()/scan/<hash>.json``, keyed by the folder holding every sample (the dataset root)."""
+    """``scan_cache_dir()/<hash>.json``, keyed by the folder holding every sample (the dataset root)."""
     folders = sorted({os.path.dirname(p) for p in paths})
     try:
         root = os.path.commonpath(folders)
     except ValueError:  # different drives (Windows): key by the folder list instead
         root = "\n".join(folders)
     digest = hashlib.sha256(root.encode("utf-8", "surrogateescape")).hexdigest()[:20]
-    return cache_root() / "scan" / f"{digest}.json"
+    return scan_cache_dir() / f"{digest}.json"
 
 
 def _load_cache(path: Path) -> dict[str, list[Any]]:
     """The cached entries, or nothing if the file is missing, damaged or from another decoder."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("version") == CACHE_VERSION and data.get("decoder") == _decoder_id():
+        if data.get("version") == CACHE_VERSION and data.get("decoder") == decoder_id():
             return {k: v for k, v in data["files"].items() if isinstance(v, list) and len(v) == 3}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         pass
@@ -106,7 +99,7 @@ def _load_cache(path: Path) -> dict[str, list[Any]]:
 
 def _save_cache(path: Path, entries: dict[str, list[Any]]) -> None:
     """Write atomically; a cache that cannot be written only costs time on the next run."""
-    data = {"version": CACHE_VERSION, "decoder": _decoder_id(), "files": entries}
+    data = {"version": CACHE_VERSION, "decoder": decoder_id(), "files": entries}
     try:
         fileio.atomic_write_text(path, json.dumps(data, separators=(",", ":")))
     except OSError as e:
@@ -120,7 +113,7 @@ def check_image(path: str) -> tuple[str | None, bool]:
     except ImageDecodeError as e:
         return e.reason, not e.transient
     except DataError as e:
-        return one_line(e), False
+        return first_line(e, TEXT_LIMIT), False
     return None, True
 
 
@@ -137,23 +130,13 @@ class _Checks(Dataset):
         return (index, *check_image(self.paths[index]))
 
 
-def _as_list(batch: list[Any]) -> list[Any]:
-    return batch
-
-
 def _run_checks(paths: list[str], workers: int, progress: bool) -> list[tuple[str | None, bool]]:
-    results: list[tuple[str | None, bool]] = [(None, True)] * len(paths)
+    """:func:`check_image` of every path, in order, in ``workers`` processes (0: here)."""
+    results: list[tuple[str | None, bool]] = []
     with tqdm(total=len(paths), desc="checking images", unit="img", disable=not progress, leave=False) as bar:
-        if workers == 0:
-            for i, path in enumerate(paths):
-                results[i] = check_image(path)
-                bar.update()
-            return results
-        loader = DataLoader(_Checks(paths), batch_size=16, num_workers=workers, collate_fn=_as_list)
-        for batch in loader:
-            for index, reason, cacheable in batch:
-                results[index] = (reason, cacheable)
-            bar.update(len(batch))
+        for _, reason, cacheable in run_in_workers(_Checks(paths), workers, batch_size=16):
+            results.append((reason, cacheable))
+            bar.update()
     return results
 
 
@@ -174,7 +157,7 @@ def scan_samples(
     Default: bad files are only reported (``result.warning()`` is the message to print) and left
     out of ``good``. ``strict=True`` raises :class:`DataError` naming them instead. With
     ``cache`` (the default) verdicts are stored by (absolute path, size, mtime_ns) under
-    ``cache_root()/"scan"`` and reused while a file is unchanged; ``result.cached`` counts those.
+    :func:`~cnntrain.paths.scan_cache_dir` and reused while a file is unchanged; ``result.cached`` counts those.
     ``workers`` decoder processes (default: none below :data:`POOL_THRESHOLD` files to decode,
     else up to ``default_workers()``); ``progress`` shows a bar.
     """
@@ -193,7 +176,7 @@ def scan_samples(
             st = os.stat(ap)
         except OSError as e:  # not cached: the file may come back
             gone = isinstance(e, FileNotFoundError)
-            verdicts[ap] = "file not found (deleted or moved?)" if gone else one_line(e.strerror or e)
+            verdicts[ap] = "file not found (deleted or moved?)" if gone else first_line(e.strerror or e, TEXT_LIMIT)
             continue
         if not stat.S_ISREG(st.st_mode):
             verdicts[ap] = "not a regular file"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cnntrain.data.download import publish_dir
+from cnntrain.data.dataset_download import publish_dir
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross")
 SHAPES_VERSION = "shapes-v1"

@@ -12,13 +12,11 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import v2
 
+from cnntrain.choices import AUGMENTATIONS  # the names train_transform(aug=...) accepts
 from cnntrain.errors import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-#: Names accepted by ``train_transform(aug=...)``.
-AUGMENTATIONS = ("trivialaugment", "randaugment", "erasing", "none")
 
 # Eval resizes the short side to img_size / CROP_RATIO, then centre-crops img_size (224 -> 256).
 CROP_RATIO = 0.875
@@ -97,6 +95,9 @@ class Normalize(torch.nn.Module):
     channels_last) is preserved. ``mean``/``std`` are non-persistent buffers, so ``.to(device)``
     moves them and they never end up in a model's state dict.
     """
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()

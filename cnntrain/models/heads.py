@@ -44,14 +44,21 @@ def replace_head(model: nn.Module, old_classes: int, num_classes: int) -> str:
     setattr(parent, attr, new)
     # SqueezeNet (and anything like it) keeps its class count as an attribute used in forward.
     if getattr(model, "num_classes", None) == old_classes:
-        model.num_classes = num_classes
+        model.num_classes = num_classes  # type: ignore[assignment]  # a plain int attribute
     return name
+
+
+def is_head(name: str, head: str) -> bool:
+    """True for the head module ``head`` itself and for anything inside it (``fc``, ``fc.weight``),
+    but not for a sibling that merely shares the prefix (``fc2``): the one test of "is this the head"
+    for parameters, modules and state-dict keys alike."""
+    return name == head or name.startswith(head + ".")
 
 
 def freeze_backbone(model: nn.Module, head: str) -> None:
     """Train only ``head``; pair with ``keep_frozen_bn_eval`` so BatchNorm statistics stay fixed too."""
     for name, param in model.named_parameters():
-        param.requires_grad_(name == head or name.startswith(head + "."))
+        param.requires_grad_(is_head(name, head))
 
 
 def unfreeze(model: nn.Module) -> None:
@@ -63,5 +70,5 @@ def keep_frozen_bn_eval(model: nn.Module, head: str) -> None:
     """Call after ``model.train()`` while the backbone is frozen: BatchNorm outside the
     head stays in eval mode, so fine-tuning the head does not drift the backbone's statistics."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not (name == head or name.startswith(head + ".")):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not is_head(name, head):
             module.eval()

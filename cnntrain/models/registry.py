@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 import torchvision
@@ -89,7 +90,7 @@ _FAMILY_PREFIXES = ("resnext", "wide_resnet", "efficientnet_v2", "swin_v2", "mob
 
 def _drop_aux_heads(model: nn.Module) -> None:
     """Auxiliary classifiers only complicate fine-tuning: train and predict the main head."""
-    model.aux_logits = False
+    model.aux_logits = False  # type: ignore[assignment]  # a plain flag, which nn.Module's stubs do not know
     for attr in ("AuxLogits", "aux1", "aux2"):
         if hasattr(model, attr):
             setattr(model, attr, None)

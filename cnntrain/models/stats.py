@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cnntrain.fileio import atomic_write_text
 from cnntrain.models.registry import get_spec
+from cnntrain.paths import model_stats_dir
 
 
 def count_macs(model: nn.Module, img_size: int = 224, device: torch.device | str | None = None) -> int:
@@ -57,10 +58,9 @@ def _stats_cache_path() -> Path:
     import torchvision
 
     from cnntrain import __version__
-    from cnntrain.data.datasets import cache_root
 
     key = f"torch{torch.__version__}-tv{torchvision.__version__}-cnntrain{__version__}".replace("+", "_")
-    return cache_root() / "model_stats" / f"{key}.json"
+    return model_stats_dir() / f"{key}.json"
 
 
 def model_stats_cached(names: list[str], img_size: int = 224) -> dict[str, dict[str, float]]:

@@ -1,4 +1,4 @@
-"""Case 9: the pre-training scan finds unreadable files, drops or refuses them, and caches verdicts."""
+"""The pre-training scan finds unreadable files, drops or refuses them, and caches verdicts."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cnntrain.data import ScanResult, cache_root, scan_classes, scan_samples
+from cnntrain.data import ScanResult, scan_classes, scan_samples
 from cnntrain.data import scan as scan_mod
 from cnntrain.errors import DataError, UsageError
+from cnntrain.paths import scan_cache_dir
 
 
 def write_good(path: Path, size=(24, 20), fmt=None) -> Path:
@@ -51,7 +52,7 @@ def dataset(tmp_path) -> tuple[list[tuple[str, int]], dict[str, Path]]:
     return samples, bad
 
 
-def test_case09_scan_reports_bad_files(dataset):
+def test_scan_reports_each_bad_file_with_a_reason(dataset):
     samples, bad = dataset
     result = scan_samples(samples, workers=0)
     assert isinstance(result, ScanResult)
@@ -65,7 +66,7 @@ def test_case09_scan_reports_bad_files(dataset):
     assert all("\n" not in r and r for r in reasons.values())
 
 
-def test_case09_scan_is_a_full_decode_not_verify(dataset):
+def test_scan_is_a_full_decode_not_verify(dataset):
     """PIL's verify() accepts a truncated JPEG; the scan must not."""
     _, bad = dataset
     with Image.open(bad["truncated"]) as img:
@@ -74,7 +75,7 @@ def test_case09_scan_is_a_full_decode_not_verify(dataset):
     assert result.good == [] and len(result.bad) == 1
 
 
-def test_case09_warning_lists_files_and_count(tmp_path):
+def test_warning_lists_the_first_files_and_counts_the_rest(tmp_path):
     good = [(str(write_good(tmp_path / "ok.png")), 0)]
     bad = []
     for i in range(25):
@@ -89,7 +90,7 @@ def test_case09_warning_lists_files_and_count(tmp_path):
     assert scan_samples(good, workers=0).warning() is None
 
 
-def test_case09_strict_raises_naming_bad_files(dataset):
+def test_strict_raises_naming_bad_files(dataset):
     samples, bad = dataset
     with pytest.raises(DataError) as info:
         scan_samples(samples, strict=True, workers=0)
@@ -101,10 +102,10 @@ def test_case09_strict_raises_naming_bad_files(dataset):
     assert len(scan_samples(good, strict=True, workers=0).good) == 8
 
 
-def test_case09_second_scan_is_cached_and_does_not_decode(dataset, monkeypatch):
+def test_second_scan_is_cached_and_does_not_decode(dataset, monkeypatch):
     samples, bad = dataset
     first = scan_samples(samples, workers=0)
-    files = list((cache_root() / "scan").glob("*.json"))
+    files = list(scan_cache_dir().glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["files"]
 
     def no_decode(path):
@@ -116,7 +117,7 @@ def test_case09_second_scan_is_cached_and_does_not_decode(dataset, monkeypatch):
     assert (second.good, second.bad) == (first.good, first.bad)
 
 
-def test_case09_changed_file_is_rechecked(dataset, monkeypatch):
+def test_changed_file_is_rechecked(dataset, monkeypatch):
     samples, bad = dataset
     scan_samples(samples, workers=0)
     # fix the truncated file, and break a good one (same size would not matter: mtime changes)
@@ -136,7 +137,7 @@ def test_case09_changed_file_is_rechecked(dataset, monkeypatch):
     assert str(broken_good) in bad_paths and str(bad["truncated"]) not in bad_paths
 
 
-def test_case09_deleted_file_is_bad_not_a_crash(dataset):
+def test_deleted_file_is_bad_not_a_crash(dataset):
     samples, _ = dataset
     scan_samples(samples, workers=0)
     Path(samples[1][0]).unlink()
@@ -144,19 +145,19 @@ def test_case09_deleted_file_is_bad_not_a_crash(dataset):
     assert (samples[1][0], "file not found (deleted or moved?)") in result.bad
 
 
-def test_case09_cache_can_be_off_and_survives_damage(dataset):
+def test_scan_cache_can_be_off_and_survives_damage(dataset):
     samples, _ = dataset
     scan_samples(samples, cache=False, workers=0)
-    assert not (cache_root() / "scan").exists()
+    assert not scan_cache_dir().exists()
     scan_samples(samples, workers=0)
-    (cache_file,) = (cache_root() / "scan").glob("*.json")
+    (cache_file,) = scan_cache_dir().glob("*.json")
     cache_file.write_text("{not json")
     result = scan_samples(samples, workers=0)
     assert result.cached == 0 and len(result.bad) == 5
     assert json.loads(cache_file.read_text())["version"] == scan_mod.CACHE_VERSION
 
 
-def test_case09_worker_processes_give_the_same_verdicts(dataset):
+def test_worker_processes_give_the_same_verdicts(dataset):
     samples, _ = dataset
     inline = scan_samples(samples, workers=0, cache=False)
     pooled = scan_samples(samples, workers=2, cache=False)
@@ -165,7 +166,7 @@ def test_case09_worker_processes_give_the_same_verdicts(dataset):
         scan_samples(samples, workers=-1)
 
 
-def test_case09_fifo_named_jpg_does_not_hang(tmp_path):
+def test_fifo_named_jpg_does_not_hang(tmp_path):
     if not hasattr(os, "mkfifo"):
         pytest.skip("no FIFOs on this platform")
     fifo = tmp_path / "pipe.jpg"
@@ -174,6 +175,6 @@ def test_case09_fifo_named_jpg_does_not_hang(tmp_path):
     assert result.bad == [(str(fifo), "not a regular file")]
 
 
-def test_case09_empty_sample_list():
+def test_empty_sample_list_scans_to_nothing():
     result = scan_samples([], workers=0)
     assert (result.good, result.bad, result.cached, result.warning()) == ([], [], 0, None)

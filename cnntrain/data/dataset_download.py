@@ -13,9 +13,9 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from cnntrain.download import FetchError, fetch
 from cnntrain.errors import DataError
 from cnntrain.fileio import sha256_file
+from cnntrain.http_download import FetchError, fetch
 
 
 def verify_file(path: str | os.PathLike, sha256: str, size: int | None = None) -> bool:
@@ -41,7 +41,7 @@ def download_verified(
     """Download ``url`` to ``dest``, checking size and SHA-256; return ``dest``.
 
     An existing ``dest`` that already verifies is returned without touching the network;
-    otherwise ``dest`` is either absent or complete (see ``cnntrain.download.fetch``). A
+    otherwise ``dest`` is either absent or complete (see ``cnntrain.http_download.fetch``). A
     failure is one :class:`DataError` line; ``hint`` (default: download it by hand) is
     appended as the thing to do.
     """

@@ -19,23 +19,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cnntrain.fileio import atomic_open
+from cnntrain.fileio import atomic_open, format_bytes
 
 _CHUNK = 1 << 18
-
-
-def human_bytes(n: int) -> str:
-    """Byte count for messages: ``512 bytes``, ``3.4 MB``."""
-    if n < 1024:
-        return f"{n} bytes"
-    size = float(n)
-    for unit in ("KB", "MB", "GB", "TB"):
-        size /= 1024
-        if size < 1024 or unit == "TB":
-            return f"{size:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
 
 
 class FetchError(Exception):
@@ -117,7 +103,7 @@ def _stream(url: str, dest: Path, *, sha256: str | None, size: int | None, timeo
             total=length,
             unit="B",
             unit_scale=True,
-            unit_divisor=1024,
+            unit_divisor=1000,  # decimal, like format_bytes in the messages
             desc=dest.name,
             disable=None if progress else True,  # None: no bar off a terminal (CI logs)
             leave=False,
@@ -128,13 +114,13 @@ def _stream(url: str, dest: Path, *, sha256: str | None, size: int | None, timeo
                     chunk = response.read(_CHUNK)
                 except TimeoutError as err:
                     raise FetchError(
-                        f"the transfer from {host} stalled: no data for {timeout:g} s after {human_bytes(received)}"
+                        f"the transfer from {host} stalled: no data for {timeout:g} s after {format_bytes(received)}"
                     ) from err
                 except http.client.IncompleteRead as err:
                     received += len(err.partial)
                     raise FetchError(_truncated(received, length, host)) from err
                 except (OSError, http.client.HTTPException) as err:
-                    raise FetchError(f"the connection to {host} broke after {human_bytes(received)} ({err})") from err
+                    raise FetchError(f"the connection to {host} broke after {format_bytes(received)} ({err})") from err
                 if not chunk:
                     break
                 out.write(chunk)
@@ -154,5 +140,5 @@ def _stream(url: str, dest: Path, *, sha256: str | None, size: int | None, timeo
 
 
 def _truncated(received: int, length: int | None, host: str) -> str:
-    total = f" of {human_bytes(length)}" if length is not None else ""
-    return f"the download from {host} was cut short after {human_bytes(received)}{total}"
+    total = f" of {format_bytes(length)}" if length is not None else ""
+    return f"the download from {host} was cut short after {format_bytes(received)}{total}"
