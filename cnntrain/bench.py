@@ -30,7 +30,6 @@ from torch.utils import benchmark
 
 from cnntrain.errors import CnnTrainError, UsageError
 
-FORMATS = ("table", "json", "csv")
 Log = Callable[[str], None]
 
 
@@ -64,6 +63,8 @@ def _step_fn(model: nn.Module, batch: int, size: int, num_classes: int, device: 
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (batch,), device=device)
+    from cnntrain.engine import backward_and_step
+
     criterion = nn.CrossEntropyLoss()
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else None
 
@@ -73,14 +74,7 @@ def _step_fn(model: nn.Module, batch: int, size: int, num_classes: int, device: 
                 loss = criterion(model(x), y)
         else:
             loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(model, loss, optimizer, scaler)
 
     return step
 
@@ -139,7 +133,8 @@ def bench_model(name: str, *, img_size: int, batch_size: int, device: torch.devi
                         _make_optimizer(model), scaler)
         row["train_images_per_s"] = batch_size / _median_seconds(step, runs)
     except torch.OutOfMemoryError:
-        raise CnnTrainError(f"{name}: out of memory at batch {batch_size}, {size}px; try a smaller --batch-size") from None
+        raise CnnTrainError(f"{name}: out of memory at batch {batch_size}, {size}px; try a smaller "
+                            "--batch-size") from None
     row["runs"] = runs
     return row, model
 
@@ -151,52 +146,50 @@ def _median_after_first(values: Sequence[float]) -> float:
 
 def bench_pipeline(row: dict[str, Any], model: nn.Module, splits: Any, *, device: torch.device,
                    amp_dtype: torch.dtype | None, channels_last: bool, workers: int, epochs: int,
-                   seed: int = 0, image_cache: Any = None, log: Log = lambda s: None) -> dict[str, Any]:
+                   seed: int = 0, image_cache: Any = None, gpu_decode: bool = False,
+                   log: Log = lambda s: None) -> dict[str, Any]:
     """Time the trainer's input pipeline alone, then whole training epochs, and add them to ``row``.
 
-    ``image_cache``: an :class:`~cnntrain.data.imagecache.ImageCache` of ``splits.train`` to read
-    decoded images from, as ``fit`` does (None: decode every file every epoch).
+    The loaders come from the trainer's own ``build_pipeline``, so what is timed is what ``fit``
+    runs. ``image_cache``: an :class:`~cnntrain.data.imagecache.ImageCache` of ``splits.train``
+    to read decoded images from, as ``fit`` does (None: decode every file every epoch).
+    ``gpu_decode``: decode JPEGs on a CUDA device, as ``train --gpu-decode``.
     """
-    from cnntrain.data import ImageDataset, Normalize, collate_skipping, make_loader, train_transform
-    from cnntrain.data.sampler import EpochSampler, SeededDataset
-    from cnntrain.engine import Batcher, train_one_epoch
-    from cnntrain.trainer import normalisation
+    from cnntrain.engine import train_one_epoch
+    from cnntrain.models import normalisation
+    from cnntrain.train.pipeline import PipelineSettings, build_pipeline
 
-    batch_size, size = row["batch_size"], row["img_size"]
     mean, std = normalisation(row["arch"])
-    batcher = Batcher(device, Normalize(mean, std).to(device), channels_last, amp_dtype)
+    settings = PipelineSettings(img_size=row["img_size"], batch_size=row["batch_size"], workers=workers, seed=seed,
+                                gpu_decode=gpu_decode)
 
-    def loader():  # exactly what fit() builds for training, fresh workers each time
-        sampler = EpochSampler(splits.train, shuffle=True, seed=seed)
-        dataset = SeededDataset(ImageDataset(splits.train, train_transform(size), skip_unreadable=True,
-                                             cache=image_cache))
-        drop_last = len(splits.train) % batch_size == 1
-        return sampler, make_loader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, workers=workers,
-                                    device=device, seed=seed, drop_last=drop_last, collate_fn=collate_skipping)
+    def pipeline():  # exactly what fit() builds for training, fresh workers each time
+        return build_pipeline(splits, settings, device=device, mean=mean, std=std, channels_last=channels_last,
+                              amp_dtype=amp_dtype, image_cache=image_cache if image_cache is not None else False)
 
-    sampler, data_loader = loader()
+    data = pipeline()
     data_rates = []
     for epoch in range(epochs):
-        sampler.set_epoch(epoch)
+        data.sampler.set_epoch(epoch)
         seen, start = 0, time.perf_counter()
-        for images, targets, _ in data_loader:
+        for images, targets, _ in data.train:
             if targets.numel():
-                images, targets = batcher(images, targets)
+                images, targets = data.batcher(images, targets)
                 seen += targets.numel()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         data_rates.append(seen / max(time.perf_counter() - start, 1e-9))
         log(f"{row['arch']}: data epoch {epoch + 1}/{epochs}: {data_rates[-1]:.1f} images/s")
-    del data_loader
+    del data
 
-    sampler, train_loader = loader()
+    train = pipeline()
     optimizer = _make_optimizer(model)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     criterion = nn.CrossEntropyLoss()
     train_rates = []
     for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        totals = train_one_epoch(model, train_loader, optimizer, criterion, batcher, epoch=epoch, scaler=scaler)
+        train.sampler.set_epoch(epoch)
+        totals = train_one_epoch(model, train.train, optimizer, criterion, train.batcher, epoch=epoch, scaler=scaler)
         train_rates.append(totals.summary()["images_per_s"])
         log(f"{row['arch']}: training epoch {epoch + 1}/{epochs}: {train_rates[-1]:.1f} images/s")
     e2e = _median_after_first(train_rates)
@@ -210,16 +203,9 @@ def bench_pipeline(row: dict[str, Any], model: nn.Module, splits: Any, *, device
     return row
 
 
-def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32, device: str = "auto",
-              amp: bool | None = None, channels_last: bool | None = None, runs: int = 5,
-              data_path: str | os.PathLike | None = None, pipeline: bool = False, workers: int | None = None,
-              epochs: int = 2, cache: str = "auto", cache_max_gb: float | None = None,
-              log: Log = lambda s: None) -> list[dict[str, Any]]:
-    """Benchmark ``archs``; one dict per architecture (see the module docstring)."""
-    from cnntrain.data import default_workers, load_folder
-    from cnntrain.data.imagecache import MODES, build_image_cache
-    from cnntrain.data.transforms import CROP_RATIO
-    from cnntrain.runtime import amp_dtype_for, resolve_device, use_channels_last
+def _check_request(*, batch_size: int, img_size: int, runs: int, epochs: int, workers: int | None,
+                   pipeline: bool, data_path: str | os.PathLike | None, cache: str) -> None:
+    from cnntrain.choices import CACHE_MODES
 
     if batch_size < 2:
         raise UsageError("--batch-size must be at least 2 (a training step needs BatchNorm statistics)")
@@ -231,8 +217,22 @@ def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32
         raise UsageError("--workers cannot be negative")
     if pipeline and data_path is None:
         raise UsageError("--pipeline needs --data-path DIR (an ImageFolder root)")
-    if cache not in MODES:
-        raise UsageError(f"--cache must be one of {', '.join(MODES)}, not {cache!r}")
+    if cache not in CACHE_MODES:
+        raise UsageError(f"--cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+
+
+def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32, device: str = "auto",
+              amp: bool | None = None, channels_last: bool | None = None, runs: int = 5,
+              data_path: str | os.PathLike | None = None, pipeline: bool = False, workers: int | None = None,
+              epochs: int = 2, cache: str = "auto", cache_max_gb: float | None = None, gpu_decode: bool = False,
+              log: Log = lambda s: None) -> list[dict[str, Any]]:
+    """Benchmark ``archs``; one dict per architecture (see the module docstring)."""
+    from cnntrain.data import default_workers, load_folder
+    from cnntrain.runtime import amp_dtype_for, resolve_device, use_channels_last
+    from cnntrain.train.pipeline import PipelineSettings, decoded_image_cache
+
+    _check_request(batch_size=batch_size, img_size=img_size, runs=runs, epochs=epochs, workers=workers,
+                   pipeline=pipeline, data_path=data_path, cache=cache)
     dev = resolve_device(device)
     amp_dtype = amp_dtype_for(dev, amp)
     channels_last = use_channels_last(dev, img_size) if channels_last is None else channels_last
@@ -240,6 +240,7 @@ def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32
         torch.backends.cudnn.benchmark = True
     splits = None
     if pipeline:
+        assert data_path is not None  # _check_request
         splits = load_folder(data_path, val_split=0)
         if len(splits.train) < 2:
             raise UsageError(f"{data_path}: only {len(splits.train)} image(s); the pipeline benchmark needs at least 2")
@@ -253,14 +254,15 @@ def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32
                                  channels_last=channels_last, runs=runs, num_classes=num_classes)
         if splits is not None:
             size = row["img_size"]
-            if size not in caches:
+            if size not in caches:  # as in fit: no image cache when the GPU decodes
                 start = time.perf_counter()
-                built = build_image_cache(splits.train, short_side=int(size / CROP_RATIO), mode=cache,
-                                          max_gb=cache_max_gb, workers=workers, log=log)
+                settings = PipelineSettings(img_size=size, cache=cache, cache_max_gb=cache_max_gb)
+                built = (None if gpu_decode and dev.type == "cuda"
+                         else decoded_image_cache(splits, settings, workers=workers, log=log))
                 caches[size] = built, time.perf_counter() - start
             image_cache, seconds = caches[size]
             bench_pipeline(row, model, splits, device=dev, amp_dtype=amp_dtype, channels_last=channels_last,
-                           workers=workers, epochs=epochs, image_cache=image_cache, log=log)
+                           workers=workers, epochs=epochs, image_cache=image_cache, gpu_decode=gpu_decode, log=log)
             row["cache_seconds"] = seconds if image_cache is not None else 0.0
         rows.append(row)
         del model
@@ -290,9 +292,10 @@ def bench_table(rows: list[dict[str, Any]]):
     table = Table(title=f"{first['device']}, {first['img_size']}px, batch {first['batch_size']}, amp {amp}, "
                         f"channels_last {'on' if first['channels_last'] else 'off'}"
                         + (f", image cache {first['cache']}" if "cache" in first else ""))
-    cols = [("arch", "arch", "{}"), ("params (M)", "params_m", "{:.2f}"), ("GMACs", "gmacs", "{:.3f}"),
-            ("infer img/s", "infer_images_per_s", "{:.1f}"), ("latency (ms)", "latency_ms", "{:.2f}"),
-            ("train img/s", "train_images_per_s", "{:.1f}")]
+    cols: list[tuple[str, str, str | None]] = [
+        ("arch", "arch", "{}"), ("params (M)", "params_m", "{:.2f}"), ("GMACs", "gmacs", "{:.3f}"),
+        ("infer img/s", "infer_images_per_s", "{:.1f}"), ("latency (ms)", "latency_ms", "{:.2f}"),
+        ("train img/s", "train_images_per_s", "{:.1f}")]
     if "efficiency" in first:
         cols += [("data img/s", "data_images_per_s", "{:.1f}"), ("epochs img/s", "epoch_images_per_s", None),
                  ("end-to-end img/s", "e2e_images_per_s", "{:.1f}"), ("efficiency", "efficiency", "{:.0%}")]

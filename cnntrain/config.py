@@ -10,19 +10,15 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, TypeVar
 
-import yaml
+from cnntrain.choices import AUGMENTATIONS, CACHE_MODES, LR_SCALES, OPTIMIZERS, SCHEDULES
+from cnntrain.errors import UsageError, first_line
 
-from cnntrain.errors import UsageError
-
-OPTIMIZERS = ("sgd", "adamw", "adam")
-SCHEDULES = ("step", "multistep", "cosine", "none")
-AUGMENTATIONS = ("none", "trivialaugment", "randaugment", "erasing")
-CACHE_MODES = ("auto", "ram", "disk", "none")  # cnntrain.data.imagecache.MODES
-LR_SCALES = ("none", "linear")
+_S = TypeVar("_S")
 
 
 @dataclass
@@ -77,7 +73,7 @@ class TrainConfig:
     resume: str | None = None
     quiet: bool = False
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Reject values no run could use, before any data is read or model built."""
         checks = [
             (self.data_path is not None and self.dataset is not None, "give --data-path or --dataset, not both"),
@@ -112,19 +108,28 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def pick(self, settings: type[_S], **changes: Any) -> _S:
+        """The sub-config ``settings`` (a dataclass whose fields are named as here) filled from
+        this config: library functions receive what they use, not the whole TrainConfig."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(settings)}  # type: ignore[arg-type]
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return settings(**{**values, **changes})
+
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe; keys may use dashes like the CLI (``batch-size``)."""
+    import yaml  # here, not at the top: `cnntrain --help` reads this module's defaults
+
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise UsageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must be a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -137,7 +142,8 @@ def build_config(file_values: Mapping[str, Any] | None = None, overrides: Mappin
     for layer, where in ((file_values or {}, source), (overrides or {}, "command line")):
         unknown = sorted(set(layer) - FIELDS)
         if unknown:
-            raise UsageError(f"unknown option {unknown[0]!r} in {where}; valid keys are listed by `cnntrain train --help`")
+            raise UsageError(f"unknown option {unknown[0]!r} in {where}; valid keys are listed by "
+                             "`cnntrain train --help`")
         values.update(layer)
     for key in ("aug", "milestones"):
         if isinstance(values.get(key), (str, int)):
@@ -166,7 +172,8 @@ def _coerce(key: str, value: Any) -> Any:
             return [_scalar(item, v) for v in value]
         return _scalar(base, value)
     except (TypeError, ValueError):
-        raise UsageError(f"option {key!r} has the wrong type: {value!r} ({_TYPE_NAMES.get(base, 'list')} expected)") from None
+        expected = _TYPE_NAMES.get(base, "list")
+        raise UsageError(f"option {key!r} has the wrong type: {value!r} ({expected} expected)") from None
 
 
 _TYPE_NAMES = {bool: "true/false", int: "whole number", float: "number", str: "text"}
@@ -202,4 +209,6 @@ def _split_list(value: str | int, kind: type) -> list[Any]:
 
 
 def save_yaml(config: TrainConfig) -> str:
+    import yaml
+
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,8 @@ from cnntrain.errors import CnnTrainError
 from cnntrain.metrics import ConfusionMatrix, topk_correct
 
 StepCallback = Callable[[dict[str, float]], None]
+#: Device-side training batch -> batch (e.g. mixup); targets may become soft (N x classes).
+BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class NonFiniteLossError(CnnTrainError):
@@ -88,6 +91,63 @@ def unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return images, targets, list(rest[0]) if rest else []
 
 
+def backward_and_step(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None = None, clip_grad: float | None = None) -> None:
+    """One optimiser update from ``loss``: gradients (scaled for fp16), clipping, step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        return
+    loss.backward()
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+
+
+def _diverged(value: float, epoch: int, step: int) -> NonFiniteLossError:
+    return NonFiniteLossError(f"loss became {value} at epoch {epoch}, step {step}: training diverged; "
+                              "try a lower --lr (or --clip-grad)")
+
+
+class _UnreadSums:
+    """Per-step loss and hit counts still on the device, read with one sync for many steps."""
+
+    def __init__(self, totals: EpochTotals, epoch: int, on_step: StepCallback | None, lr: Callable[[], float]) -> None:
+        self.totals, self.epoch, self.on_step, self.lr = totals, epoch, on_step, lr
+        self.start, self.before = time.perf_counter(), totals.seconds
+        self.pending: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (step, n, loss, correct)
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, step: int, n: int, loss: torch.Tensor, correct: torch.Tensor) -> None:
+        self.pending.append((step, n, loss, correct))
+
+    def read(self) -> None:
+        """Check each loss, add the steps to the totals, report progress."""
+        totals = self.totals
+        if self.pending:
+            losses = torch.stack([loss for _, _, loss, _ in self.pending]).float().tolist()
+            correct = torch.stack([c for _, _, _, c in self.pending]).tolist()
+            for (step, n, _, _), value, hits in zip(self.pending, losses, correct):
+                if not math.isfinite(value):
+                    raise _diverged(value, self.epoch, step)
+                totals.loss_sum += value * n
+                totals.correct += int(hits)
+                totals.seen += n
+        totals.seconds = self.before + time.perf_counter() - self.start
+        if self.on_step is not None and self.pending:
+            self.on_step({"loss": totals.loss_sum / totals.seen, "acc": totals.correct / totals.seen,
+                          "n": sum(n for _, n, _, _ in self.pending),
+                          "images_per_s": totals.seen / max(totals.seconds, 1e-9), "lr": self.lr()})
+        self.pending.clear()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -103,6 +163,8 @@ def train_one_epoch(
     totals: EpochTotals | None = None,
     should_stop: Callable[[], bool] | None = None,
     sync_every: int = 1,
+    batch_transform: BatchTransform | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> EpochTotals:
     """Train for one pass over ``loader`` (continuing ``totals`` when resuming mid-epoch).
 
@@ -112,32 +174,16 @@ def train_one_epoch(
     Loss and accuracy stay on the device and are read (which waits for the GPU) every
     ``sync_every`` steps and at the end: the loss check, progress and ``should_stop`` run
     there. A non-finite loss raises at that point, before anything can be saved.
+
+    Seams for training features: ``batch_transform`` rewrites each device-side batch before the
+    forward pass (mixup, cutmix; accuracy is then counted against the targets' argmax), and
+    ``after_step(model)`` runs after every optimiser step (an average of the weights).
     """
     model.train()
     if prepare_model is not None:
         prepare_model(model)  # e.g. keep frozen BatchNorm in eval mode
     totals = totals or EpochTotals()
-    start, before = time.perf_counter(), totals.seconds
-    pending: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (step, n, loss, correct), unread
-
-    def read_pending() -> None:
-        """One device sync for the steps since the last read: check, add up, report."""
-        losses = torch.stack([loss for _, _, loss, _ in pending]).float().tolist()
-        correct = torch.stack([c for _, _, _, c in pending]).tolist()
-        for (step, n, _, _), value, hits in zip(pending, losses, correct):
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"loss became {value} at epoch {epoch}, step {step}: training diverged; "
-                                         "try a lower --lr (or --clip-grad)")
-            totals.loss_sum += value * n
-            totals.correct += int(hits)
-            totals.seen += n
-        totals.seconds = before + time.perf_counter() - start
-        if on_step is not None:
-            on_step({"loss": totals.loss_sum / totals.seen, "acc": totals.correct / totals.seen,
-                     "n": sum(n for _, n, _, _ in pending), "images_per_s": totals.seen / max(totals.seconds, 1e-9),
-                     "lr": optimizer.param_groups[0]["lr"]})
-        pending.clear()
-
+    unread = _UnreadSums(totals, epoch, on_step, lambda: optimizer.param_groups[0]["lr"])
     for batch in loader:
         images, targets, skipped = unpack(batch)
         totals.skipped.extend(skipped)
@@ -146,35 +192,37 @@ def train_one_epoch(
             continue
         totals.steps += 1
         images, targets = batcher(images, targets)
+        if batch_transform is not None:
+            images, targets = batch_transform(images, targets)
         with batcher.autocast():
             logits = model(images)
             loss = criterion(logits, targets)
         if sync_every <= 1 and not torch.isfinite(loss):  # cheap on the CPU: never step on a bad loss
-            raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch}, step {totals.steps}: training "
-                                     "diverged; try a lower --lr (or --clip-grad)")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-        pending.append((totals.steps, targets.size(0), loss.detach(), (logits.argmax(1) == targets).sum()))
-        if len(pending) >= sync_every:
-            read_pending()
+            raise _diverged(loss.item(), epoch, totals.steps)
+        backward_and_step(model, loss, optimizer, scaler, clip_grad)
+        if after_step is not None:
+            after_step(model)
+        hard = targets.argmax(1) if targets.dim() > 1 else targets
+        unread.add(totals.steps, targets.size(0), loss.detach(), (logits.argmax(1) == hard).sum())
+        if len(unread) >= sync_every:
+            unread.read()
             if should_stop is not None and should_stop():
                 totals.interrupted = True
                 break
-    if pending:
-        read_pending()
-    totals.seconds = before + time.perf_counter() - start
+    unread.read()
     return totals
+
+
+@dataclass
+class EvalResult:
+    """One pass of evaluation over a whole set (summed over ranks in a distributed run)."""
+
+    loss: float
+    acc: float
+    top5: float
+    images: int
+    seconds: float
+    confusion: ConfusionMatrix
 
 
 @torch.no_grad()
@@ -187,7 +235,7 @@ def evaluate(
     *,
     on_step: StepCallback | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, object]:
+) -> EvalResult:
     """Loss, top-1, top-5 and the confusion matrix over ``loader`` (every sample counted once).
 
     ``reduce`` sums count tensors over the processes of a distributed run, each of which saw
@@ -217,11 +265,11 @@ def evaluate(
         sums = reduce(torch.tensor([loss_sum, top1, top5, seen], dtype=torch.float64))
         loss_sum, top1, top5, seen = float(sums[0]), int(sums[1]), int(sums[2]), int(sums[3])
         matrix.matrix = reduce(matrix.matrix)
-    return {
-        "loss": loss_sum / seen if seen else math.nan,
-        "acc": top1 / seen if seen else math.nan,
-        "top5": top5 / seen if seen else math.nan,
-        "images": seen,
-        "seconds": time.perf_counter() - start,
-        "confusion": matrix,
-    }
+    return EvalResult(
+        loss=loss_sum / seen if seen else math.nan,
+        acc=top1 / seen if seen else math.nan,
+        top5=top5 / seen if seen else math.nan,
+        images=seen,
+        seconds=time.perf_counter() - start,
+        confusion=matrix,
+    )

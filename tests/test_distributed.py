@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cnntrain.data.sampler import EpochSampler, ShardSampler
-from cnntrain.distributed import strip_option
+from cnntrain.train.distributed import strip_option
 
 CNNTRAIN = [sys.executable, "-m", "cnntrain"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -84,7 +84,8 @@ def test_sync_bn_on_cpu_is_refused_before_launch(runner, image_folder, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [["--no-feature-cache"], ["--feature-cache", "--lr", "0.005", "--lr-scale", "linear"]],
+@pytest.mark.parametrize("variant",
+                         [["--no-feature-cache"], ["--feature-cache", "--lr", "0.005", "--lr-scale", "linear"]],
                          ids=["full-model", "feature-cache+lr-scale"])
 def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path, variant):
     """torchrun with 2 ranks x batch 4 == 1 process x batch 8: same losses, accuracy and weights
@@ -103,7 +104,7 @@ def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_pa
     assert ddp["val_images_scored"] == ddp["val_images"] == single["val_images"]
     assert ddp["best_val_acc"] == pytest.approx(single["best_val_acc"])
     rows = [(runs / n / "metrics.csv").read_text().splitlines()[1:] for n in ("ddp", "single")]
-    for a, b in zip(*rows):
+    for a, b in zip(*rows, strict=True):
         loss_a, loss_b = float(a.split(",")[1]), float(b.split(",")[1])
         assert loss_a == pytest.approx(loss_b, rel=1e-4)
         assert float(a.split(",")[6]) == pytest.approx(float(b.split(",")[6]))  # learning rate

@@ -51,3 +51,27 @@ def test_stop_request_is_polled_at_read_points():
     calls = []
     totals, _, _ = run(batches(), 3, should_stop=lambda: calls.append(1) or len(calls) == 2)
     assert totals.interrupted and totals.steps == 6 and totals.seen == 24
+
+
+def test_after_step_runs_once_per_optimizer_step_with_the_updated_model():
+    seen: list[torch.Tensor] = []
+    totals, model, _ = run(batches(), 1, after_step=lambda m: seen.append(m.weight.detach().clone()))
+    assert len(seen) == totals.steps == 7
+    torch.testing.assert_close(seen[-1], model.weight)
+    assert not torch.equal(seen[0], seen[1])  # each call sees that step's update
+
+
+def test_batch_transform_feeds_the_model_and_soft_targets_count_by_argmax():
+    def soften(images, targets):  # zeroed inputs and one-hot targets, as a mixup would hand them over
+        return images * 0, nn.functional.one_hot(targets, 3).float()
+
+    torch.manual_seed(0)
+    initial = nn.Linear(5, 3).weight.detach().clone()  # what run() builds under the same seed
+    data = batches()
+    predictions: list[torch.Tensor] = []
+    totals, model, _ = run(data, 1, batch_transform=soften,
+                           prepare_model=lambda m: m.register_forward_hook(
+                               lambda mod, args, out: predictions.append(out.argmax(1))))
+    torch.testing.assert_close(model.weight, initial)  # zero inputs reached the model: no weight gradient
+    assert totals.seen == 28 and math.isfinite(totals.loss_sum)
+    assert totals.correct == sum(int((p == t).sum()) for p, (_, t) in zip(predictions, data))

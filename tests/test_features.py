@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import torch
 
 from cnntrain.cli import app
 from cnntrain.weights import safe_load
+
+pytestmark = pytest.mark.integration  # whole CLI trainings
 
 TINY = ["--arch", "resnet18", "--no-pretrained", "--img-size", "32", "--batch-size", "8", "--workers", "0",
         "--device", "cpu", "--val-split", "0.25", "--freeze-layers", "--aug", "none", "--seed", "4"]

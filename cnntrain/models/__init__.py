@@ -13,12 +13,13 @@ from typing import Any
 import torch.nn as nn
 import torchvision
 
-from cnntrain.errors import WeightsError
+from cnntrain.errors import CnnTrainError, WeightsError
 
 # Our own architectures register themselves on import.
 from cnntrain.models import cbam, se_resnet, shufflenet_v1  # noqa: F401
 from cnntrain.models.heads import find_head, freeze_backbone, replace_head
 from cnntrain.models.registry import ModelSpec, get_spec, list_models
+from cnntrain.models.stats import model_stats_cached
 
 __all__ = [
     "LoadReport",
@@ -30,6 +31,8 @@ __all__ = [
     "get_spec",
     "list_models",
     "model_info",
+    "model_rows",
+    "normalisation",
 ]
 
 
@@ -96,6 +99,18 @@ def build_model(
     return model, report
 
 
+def normalisation(arch: str) -> tuple[list[float], list[float]]:
+    """Mean and std the architecture's ImageNet weights were trained with (ImageNet's own when
+    it has none): a fact about the model, so training, bench and export all read it here."""
+    from cnntrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    weights = get_spec(arch).weights
+    if weights is not None:
+        preset = weights.transforms()
+        return list(preset.mean), list(preset.std)
+    return list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
 def get_model(name: str, num_classes: int = 1000, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build a registered architecture with ``num_classes`` outputs (see ``build_model``)."""
     return build_model(name, num_classes, pretrained, **kwargs)[0]
@@ -120,3 +135,17 @@ def model_info(name: str) -> dict[str, Any]:
             metrics = spec.weights.meta.get("_metrics", {}).get("ImageNet-1K", {})
             info["top1"] = metrics.get("acc@1")
     return info
+
+
+def model_rows(pattern: str | None = None, img_size: int = 224) -> list[dict[str, Any]]:
+    """What `cnntrain models` lists: ``model_info`` of each architecture matching ``pattern``
+    plus its parameters (millions) and GMACs at ``img_size``, counted once and cached."""
+    names = list_models(pattern)
+    if not names:
+        raise CnnTrainError(f"no architecture matches {pattern!r}; run `cnntrain models` for the full list")
+    stats = model_stats_cached(names, img_size)
+    return [
+        {**model_info(name), "params_m": round(stats[name]["params_m"], 3), "gmacs": round(stats[name]["gmacs"], 3),
+         "macs_img_size": stats[name]["img_size"]}
+        for name in names
+    ]

@@ -7,8 +7,9 @@ is a terminal; every epoch still gets one summary line either way.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Callable, Iterator
+from typing import IO
 
 from tqdm import tqdm
 

@@ -7,13 +7,36 @@ is unit-testable against torch's own schedulers and resumes exactly from ``last_
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import partial
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 
-from cnntrain.config import TrainConfig
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """What ``build_optimizer`` reads from the run's configuration (``TrainConfig.pick``)."""
+
+    opt: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """What ``build_scheduler`` reads from the run's configuration (``TrainConfig.pick``)."""
+
+    sched: str = "cosine"
+    epochs: int = 10
+    warmup_epochs: int = 0
+    step_size: int = 10
+    gamma: float = 0.1
+    milestones: tuple[int, ...] = ()
+    lrf: float = 0.01
 
 
 def lr_factor(epoch: int, *, sched: str, epochs: int, warmup_epochs: int = 0, step_size: int = 10,
@@ -36,10 +59,11 @@ def lr_factor(epoch: int, *, sched: str, epochs: int, warmup_epochs: int = 0, st
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, settings: ScheduleSettings) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-epoch schedule: call ``scheduler.step()`` once at the end of each epoch."""
-    fn = partial(lr_factor, sched=cfg.sched, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-                 step_size=cfg.step_size, gamma=cfg.gamma, milestones=tuple(cfg.milestones), lrf=cfg.lrf)
+    s = settings
+    fn = partial(lr_factor, sched=s.sched, epochs=s.epochs, warmup_epochs=s.warmup_epochs, step_size=s.step_size,
+                 gamma=s.gamma, milestones=tuple(s.milestones), lrf=s.lrf)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
@@ -47,7 +71,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases and normalisation parameters (1-d tensors), as in
     torchvision's reference recipes. Frozen parameters are included too: they get no
     gradient, so optimisers skip them, and unfreezing later needs no new optimiser."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}]
@@ -56,11 +81,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg.weight_decay)
-    if cfg.opt == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
-    if cfg.opt == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.Adam(groups, lr=cfg.lr)
+def build_optimizer(model: nn.Module, settings: OptimizerSettings) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, settings.weight_decay)
+    if settings.opt == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum,
+                               nesterov=settings.nesterov and settings.momentum > 0)
+    if settings.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr)
+    return torch.optim.Adam(groups, lr=settings.lr)

@@ -12,14 +12,15 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from cnntrain.errors import CnnTrainError, UsageError
+from cnntrain.errors import CnnTrainError, UsageError, first_line
 
 # How long a rank waits for the others at a collective before giving up; a dead worker is
 # normally noticed much sooner by torchrun, which then stops the whole job.
@@ -182,8 +183,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     except SignalException as exc:  # Ctrl-C / SIGTERM: the ranks saved and said where
         return 128 + int(exc.sigval)
     except Exception as exc:  # rendezvous or launch failure before any rank ran
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CnnTrainError(f"could not start {nproc} training processes: {first}") from None
+        raise CnnTrainError(f"could not start {nproc} training processes: {first_line(exc)}") from None
     return 0
 
 

@@ -48,7 +48,7 @@ class StopRequest:
         if self.signum is None:
             self.signum = signum
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # handlers only work there
             for sig in EXIT_CODES:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -14,20 +14,19 @@ EfficientNet, VGG) does not act during the cached phase.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from cnntrain.config import TrainConfig
 from cnntrain.data import DatasetSplits, ImageDataset, Unreadable, collate_skipping, eval_transform, make_loader
-from cnntrain.data.imagecache import ImageCache
 from cnntrain.data.sampler import EpochSampler
-from cnntrain.distributed import DistContext
 from cnntrain.engine import Batcher, unpack
-from cnntrain.progress import Reporter
+from cnntrain.train.distributed import DistContext
+from cnntrain.train.pipeline import InputPipeline
 
 
 class FeatureDataset(Dataset):
@@ -46,7 +45,8 @@ class FeatureDataset(Dataset):
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, head: str, loader: Iterable, batcher: Batcher) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(model: nn.Module, head: str, loader: Iterable,
+                     batcher: Batcher) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's input for every sample of ``loader`` (in loader order), on the CPU."""
     captured: list[torch.Tensor] = []
     hook = model.get_submodule(head).register_forward_pre_hook(
@@ -111,37 +111,37 @@ class _ValTagged(Dataset):
         return item if isinstance(item, Unreadable) else (item[0], item[1] + self.offset)
 
 
-def cached_features(model: nn.Module, head: str, splits: DatasetSplits, batcher: Batcher, cfg: TrainConfig,
-                    workers: int, device: torch.device, reporter: Reporter, ctx: DistContext = DistContext(),
-                    train_cache: ImageCache | None = None, val_cache: ImageCache | None = None) -> FeaturePhase | None:
+def cached_features(model: nn.Module, head: str, splits: DatasetSplits, pipeline: InputPipeline, *, arch: str,
+                    img_size: int, batch_size: int, seed: int, device: torch.device, ctx: DistContext = DistContext(),
+                    log: Callable[[str], None] = lambda s: None) -> FeaturePhase | None:
     """Run the frozen backbone once over train and val; None when the model cannot use the cache.
 
     Under torchrun every rank extracts the features it trains on (all of train, as the shuffle
     spans ranks, and its shard of val) into its own memory; nothing is written to disk."""
-    transform = eval_transform(cfg.img_size)
+    batcher = pipeline.batcher
+    transform = eval_transform(img_size)
     probe = next(iter(make_loader(ImageDataset(splits.train[:2], transform), batch_size=2, shuffle=False,
                                   workers=0)))[0]
     if not head_reproduces_model(model, head, batcher(probe, torch.zeros(len(probe)))[0]):
-        reporter.info(f"feature cache: {cfg.arch} has layers after its head `{head}`; training through the full model")
+        log(f"feature cache: {arch} has layers after its head `{head}`; training through the full model")
         return None
     started = time.perf_counter()
     classes = splits.num_classes
-    val_shard = Subset(ImageDataset(splits.val, transform, skip_unreadable=True, cache=val_cache),
+    val_shard = Subset(ImageDataset(splits.val, transform, skip_unreadable=True, cache=pipeline.val_cache),
                        range(ctx.rank, len(splits.val), ctx.world_size))  # as ShardSampler splits it
-    both = ConcatDataset([ImageDataset(splits.train, transform, skip_unreadable=True, cache=train_cache),
-                          _ValTagged(val_shard, classes)])
-    extract = make_loader(both, batch_size=cfg.batch_size, shuffle=False, workers=workers, device=device,
+    train_set = ImageDataset(splits.train, transform, skip_unreadable=True, cache=pipeline.train_cache)
+    both: ConcatDataset[Any] = ConcatDataset([train_set, _ValTagged(val_shard, classes)])
+    extract = make_loader(both, batch_size=batch_size, shuffle=False, workers=pipeline.workers, device=device,
                           collate_fn=collate_skipping)
     x, y = extract_features(model, head, extract, batcher)
     is_val = y >= classes
     train_x, train_y, val_x, val_y = x[~is_val], y[~is_val], x[is_val], y[is_val] - classes
-    reporter.info(f"feature cache: backbone ran once over {len(train_y)} train + {len(val_y)} val images in "
-                  f"{time.perf_counter() - started:.1f}s ({x.numel() * 4 / 1e6:.0f} MB); the head trains on cached "
-                  "features")
-    sampler = EpochSampler(train_y, shuffle=True, seed=cfg.seed, num_replicas=ctx.world_size, rank=ctx.rank)
-    train = make_loader(FeatureDataset(train_x, train_y), batch_size=cfg.batch_size, shuffle=False, sampler=sampler,
-                        workers=0, device=device, drop_last=sampler.num_samples % cfg.batch_size == 1)
-    val = (make_loader(FeatureDataset(val_x, val_y), batch_size=cfg.batch_size, shuffle=False, workers=0, device=device)
+    log(f"feature cache: backbone ran once over {len(train_y)} train + {len(val_y)} val images in "
+        f"{time.perf_counter() - started:.1f}s ({x.numel() * 4 / 1e6:.0f} MB); the head trains on cached features")
+    sampler = EpochSampler(train_y, shuffle=True, seed=seed, num_replicas=ctx.world_size, rank=ctx.rank)
+    train = make_loader(FeatureDataset(train_x, train_y), batch_size=batch_size, shuffle=False, sampler=sampler,
+                        workers=0, device=device, drop_last=sampler.num_samples % batch_size == 1)
+    val = (make_loader(FeatureDataset(val_x, val_y), batch_size=batch_size, shuffle=False, workers=0, device=device)
            if splits.val else None)
     return FeaturePhase(head=model.get_submodule(head), train=train, val=val, sampler=sampler,
                         batcher=Batcher(device, None, False, batcher.amp_dtype))

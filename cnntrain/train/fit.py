@@ -1,0 +1,206 @@
+"""``fit(config)``: data, model and optimiser in, a complete run folder out.
+
+``_fit`` is the table of contents of a run; each line hands one job to a named part:
+
+- ``resume.py``      the resume plan: which last.pt, what it overrides, where to continue
+- ``splits.py``      the data: folder or built-in dataset, split, unreadable images left out
+- ``run_model.py``   the model: built by name, starting weights, head, placement, DDP/compile
+- ``state.py``       the training state: optimiser, schedule, scaler, best metric, history
+- ``pipeline.py``    the input pipeline: datasets, samplers, image cache, loaders, batcher
+- ``phase.py``       what each epoch trains: the full model, or the head on cached features
+- ``checkpointer.py`` best.pt, last.pt and the interrupted last.pt
+- ``loop.py``        the epoch loop; ``cnntrain.engine`` holds the per-batch loops
+- ``runfiles.py``    config.yaml, metrics.csv, plots and summary.json
+
+Adding a training feature touches the part it concerns, not the loop:
+
+- a loss (class weights, soft targets): ``loss.build_loss``;
+- a transform of the device-side batch (mixup, cutmix): ``EpochLoop.batch_transform``, which
+  ``train_one_epoch`` applies after the Batcher, for training batches only;
+- something updated after every optimiser step (an average of the weights): a field of
+  ``TrainingState`` saved in ``state_dict()``, updated through ``EpochLoop.after_step``. For
+  example, EMA: ``TrainingState.ema = torch.optim.swa_utils.AveragedModel(model, ...)``, its
+  ``state_dict()`` / ``load_state_dict()`` gain an ``"ema"`` entry, and ``_fit`` passes
+  ``after_step=lambda m: state.ema.update_parameters(model)`` to the loop;
+- something done at the end of each epoch (a plot, a TensorBoard write): an ``EpochReporter``
+  in ``EpochLoop.reporters``, like ``runfiles.MetricsCsv``.
+
+Resuming: last.pt is written at the end of every epoch and, on Ctrl-C/SIGTERM, after the
+current step (with the epoch's running sums). A run stopped by a signal continues at the
+batch where it stopped; a run killed outright restarts the epoch after its last completed
+one. Either way the state (weights, optimiser, schedule, RNG) is exact, and the sampler's
+per-(epoch, sample) seeding replays the same batches. Epochs are 0-based inside, 1-based on screen.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from cnntrain import checkpoint, fileio
+from cnntrain.config import TrainConfig, save_yaml
+from cnntrain.data import DatasetSplits
+from cnntrain.engine import EvalResult, evaluate
+from cnntrain.errors import CnnTrainError, DataError, first_line
+from cnntrain.models import freeze_backbone
+from cnntrain.runtime import amp_dtype_for, resolve_device, seed_everything, use_channels_last
+from cnntrain.train import distributed, loss
+from cnntrain.train.checkpointer import Checkpointer
+from cnntrain.train.distributed import DistContext
+from cnntrain.train.features import cached_features
+from cnntrain.train.loop import GPU_SYNC_EVERY, EpochLoop
+from cnntrain.train.optim import OptimizerSettings, ScheduleSettings
+from cnntrain.train.phase import Phase, Phases
+from cnntrain.train.pipeline import PipelineSettings, build_pipeline
+from cnntrain.train.progress import Reporter
+from cnntrain.train.resume import ResumePlan, load_plan
+from cnntrain.train.run_model import RunModel, build_run_model, place, wrapper
+from cnntrain.train.runfiles import MetricsCsv, finish, write_run_description
+from cnntrain.train.signals import StopRequest
+from cnntrain.train.splits import check_trainable, load_splits
+from cnntrain.train.state import TrainingState, TrainResult
+
+
+def fit(cfg: TrainConfig, reporter: Reporter | None = None, resume: ResumePlan | None = None) -> TrainResult:
+    """Train ``cfg.arch`` as configured; returns where the run was written and how it went.
+
+    ``resume``: the plan ``resume.train_config`` made (else ``cfg.resume`` is loaded here).
+    Expected failures mid-run (out of memory, a dead loader worker, a full disk) become
+    ``CnnTrainError``s; the checkpoints already on disk are never the casualty.
+    """
+    reporter = reporter or Reporter(quiet=cfg.quiet)
+    try:
+        ctx, device = distributed.setup(resolve_device(cfg.device))
+        if not ctx.is_main:
+            reporter = Reporter(quiet=True, enabled=False)
+        with StopRequest(escalate=not ctx.enabled) as stop:
+            return _fit(cfg, reporter, stop, ctx, device, resume)
+    except torch.OutOfMemoryError:
+        half = max(cfg.batch_size // 2, 1)
+        raise CnnTrainError(f"out of memory on {cfg.device} at --batch-size {cfg.batch_size}; "
+                            f"try --batch-size {half} (or a smaller --img-size)") from None
+    except RuntimeError as exc:
+        if distributed.under_torchrun() and distributed.is_peer_failure(exc):
+            raise CnnTrainError(f"lost contact with another training process ({first_line(exc, 200)}); the job "
+                                "stops, see that process's error") from None
+        if "DataLoader worker" in str(exc):
+            raise DataError(f"a data loading worker died ({first_line(exc)}); rerun with --workers 0 to see the "
+                            "underlying error") from None
+        raise
+    finally:
+        distributed.cleanup()
+
+
+def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistContext, device: torch.device,
+         plan: ResumePlan | None) -> TrainResult:
+    started = time.perf_counter()
+    if plan is None and cfg.resume:
+        plan = load_plan(cfg.resume, cfg.project)
+    if plan is None and ctx.is_main:
+        checkpoint.check_project(cfg.project)  # an unusable output folder fails before any work
+    if ctx.enabled:
+        distributed.check_sync_bn(cfg.sync_bn, device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    with ctx.main_first():  # rank 0 scans (and downloads); the others then read its caches
+        splits = load_splits(cfg.data_path, cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict,
+                             info=reporter.info, warn=reporter.always, progress=reporter.interactive)
+    check_trainable(splits)
+    if plan is not None:
+        plan.check_classes(splits.classes)
+    reporter.info(splits.summary())
+    run = build_run_model(cfg.arch, splits.num_classes, pretrained=cfg.pretrained, weights=cfg.weights,
+                          resumed=plan.saved if plan else None, ctx=ctx, log=reporter.info)
+    run_dir = _open_run_dir(cfg, plan, ctx, reporter, device)
+    start_epoch = plan.epochs_done if plan else 0
+    partial = plan.partial_epoch(ctx.world_size, ctx.is_main, reporter.info) if plan else None
+    frozen = cfg.freeze_layers and (cfg.unfreeze_epoch is None or start_epoch + 1 < cfg.unfreeze_epoch)
+    if frozen:
+        freeze_backbone(run.model, run.head)
+    amp_dtype, channels_last = amp_dtype_for(device, cfg.amp), use_channels_last(device, cfg.img_size)
+    run.model = place(run.model, device, channels_last=channels_last, sync_bn=cfg.sync_bn and ctx.enabled)
+    state = _training_state(cfg, run, ctx, amp_dtype == torch.float16, "val_acc" if splits.val else "train_acc",
+                            reporter)
+    if plan is not None:
+        state.load_state_dict(plan.saved)
+        reporter.info(plan.describe(partial, cfg.epochs))
+    phases = _phases(cfg, run, splits, frozen, device, ctx, amp_dtype, channels_last, reporter)
+    if ctx.is_main:
+        write_run_description(run_dir, save_yaml(cfg), splits.classes)
+    checkpointer = Checkpointer(run_dir, dict(arch=cfg.arch, classes=splits.classes, img_size=cfg.img_size,
+                                              mean=run.mean, std=run.std, config=cfg.to_dict()),
+                                enabled=ctx.is_main, world_size=ctx.world_size)
+    criterion = loss.build_loss(cfg.label_smoothing)
+    stopped_early = EpochLoop(
+        phases, state, criterion, checkpointer, run.model, reporter, stop, ctx, epochs=cfg.epochs,
+        batch_size=cfg.batch_size, num_classes=splits.num_classes, images=(len(splits.train), len(splits.val)),
+        clip_grad=cfg.clip_grad, sync_every=1 if device.type == "cpu" else GPU_SYNC_EVERY,
+        reporters=[MetricsCsv(run_dir / "metrics.csv")],
+    ).run(start_epoch, partial)
+    if ctx.is_main:
+        checkpoint.point_latest(run_dir)
+    result = TrainResult(run_dir=run_dir, best_epoch=state.best_epoch, best_metric=state.best_metric,
+                         monitor=state.monitor, epochs_run=len(state.history), seconds=time.perf_counter() - started,
+                         stopped_early=stopped_early, history=state.history)
+    best_val = _score_best(checkpointer, run, phases.best_scorer(), criterion, splits.num_classes, ctx)
+    finish(result, best_val, splits, cfg.arch, ctx)
+    return result
+
+
+def _open_run_dir(cfg: TrainConfig, plan: ResumePlan | None, ctx: DistContext, reporter: Reporter,
+                  device: torch.device) -> Path:
+    """A resumed run continues in its folder (temp files of a killed writer removed); a new one
+    claims the next free ``project/name``, chosen by rank 0."""
+    if plan is not None:
+        run_dir = plan.run_dir
+        if ctx.is_main:
+            fileio.clean_stale_temps(run_dir, older_than=0)
+    else:
+        made = checkpoint.new_run_dir(cfg.project, cfg.name, cfg.exist_ok) if ctx.is_main else None
+        run_dir = Path(ctx.broadcast(str(made) if made else None))
+    reporter.info(f"run folder: {run_dir}")
+    if ctx.enabled:
+        reporter.info(f"distributed: {ctx.world_size} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), "
+                      f"batch {cfg.batch_size} each = {cfg.batch_size * ctx.world_size} per step")
+    return run_dir
+
+
+def _training_state(cfg: TrainConfig, run: RunModel, ctx: DistContext, fp16: bool, monitor: str,
+                    reporter: Reporter) -> TrainingState:
+    lr = cfg.lr
+    if cfg.lr_scale == "linear" and ctx.world_size > 1:
+        lr = cfg.lr * ctx.world_size
+        reporter.info(f"--lr-scale linear: learning rate {cfg.lr:g} x {ctx.world_size} processes = {lr:g}")
+    return TrainingState.create(run.model, cfg.pick(OptimizerSettings, lr=lr), cfg.pick(ScheduleSettings),
+                                fp16=fp16, monitor=monitor, patience=cfg.patience)
+
+
+def _phases(cfg: TrainConfig, run: RunModel, splits: DatasetSplits, frozen: bool, device: torch.device,
+            ctx: DistContext, amp_dtype: torch.dtype | None, channels_last: bool, reporter: Reporter) -> Phases:
+    """The input pipeline and, with a frozen backbone and ``--aug none``, the cached features."""
+    settings = cfg.pick(PipelineSettings)
+    use_features = frozen and cfg.feature_cache and settings.deterministic
+    # Frozen to the end with cached features: the backbone reads each image once, nothing to cache.
+    features_only = use_features and cfg.unfreeze_epoch is None
+    pipeline = build_pipeline(splits, settings, device=device, mean=run.mean, std=run.std, channels_last=channels_last,
+                              amp_dtype=amp_dtype, ctx=ctx, image_cache=not features_only, log=reporter.info,
+                              progress=reporter.interactive)
+    features = None
+    if use_features:
+        features = cached_features(run.model, run.head, splits, pipeline, arch=cfg.arch, img_size=cfg.img_size,
+                                   batch_size=cfg.batch_size, seed=cfg.seed, device=device, ctx=ctx, log=reporter.info)
+    return Phases(run.model, run.head, pipeline, frozen=frozen, unfreeze_epoch=cfg.unfreeze_epoch, features=features,
+                  wrap=wrapper(ctx, device, cfg.compile), distributed=ctx.enabled, log=reporter.info)
+
+
+def _score_best(checkpointer: Checkpointer, run: RunModel, scorer: Phase, criterion: torch.nn.Module,
+                num_classes: int, ctx: DistContext) -> EvalResult | None:
+    """The best weights on the validation set, for the summary and the confusion matrix.
+
+    Every rank scores its shard; best.pt is complete before any rank reads it."""
+    ctx.barrier()
+    if scorer.val is None or not checkpointer.best.is_file():
+        return None
+    run.model.load_state_dict(checkpoint.load(checkpointer.best)["model"])
+    return evaluate(scorer.eval_net, scorer.val, criterion, scorer.batcher, num_classes, reduce=ctx.sum)

@@ -1,0 +1,133 @@
+"""The epoch loop: train, validate, record, save, stop. One screen, and it stays that way.
+
+Everything the loop calls is a part built elsewhere (see ``cnntrain.train``): the phase says
+what trains on what input, the training state steps the schedule and keeps the best, the
+checkpointer writes, epoch-end reporters publish the row. A training feature plugs into one of
+those parts, or into ``batch_transform`` / ``after_step``, never into this loop body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+from cnntrain.engine import BatchTransform, EpochTotals, EvalResult, evaluate, train_one_epoch
+from cnntrain.train.checkpointer import Checkpointer
+from cnntrain.train.distributed import DistContext
+from cnntrain.train.phase import Phase, Phases
+from cnntrain.train.progress import Reporter, format_epoch
+from cnntrain.train.signals import Interrupted, StopRequest
+from cnntrain.train.state import TrainingState
+
+# On a GPU, reading the loss every step stalls the queue of kernels; read it every so many steps.
+GPU_SYNC_EVERY = 20
+
+
+class EpochReporter(Protocol):
+    """Told each finished epoch's row (on rank 0), after the state recorded it: metrics.csv,
+    TensorBoard, a report page..."""
+
+    def epoch_end(self, row: dict[str, Any], history: list[dict[str, Any]]) -> None: ...
+
+
+@dataclass
+class EpochLoop:
+    phases: Phases
+    state: TrainingState
+    criterion: nn.Module
+    checkpointer: Checkpointer
+    model: nn.Module  # the bare model, which checkpoints are written from
+    reporter: Reporter
+    stop: StopRequest
+    ctx: DistContext
+    epochs: int
+    batch_size: int
+    num_classes: int
+    images: tuple[int, int]  # train and val images, for the progress bars
+    clip_grad: float | None = None
+    sync_every: int = 1
+    reporters: list[EpochReporter] = field(default_factory=list)
+    batch_transform: BatchTransform | None = None
+    after_step: Callable[[nn.Module], None] | None = None  # after every optimiser step
+
+    def run(self, start_epoch: int, partial: dict[str, Any] | None = None) -> bool:
+        """Epochs ``start_epoch + 1`` to the last (``partial``: the sums of a stopped one); True
+        when early stopping ended the run."""
+        for epoch in range(start_epoch, self.epochs):
+            shown = epoch + 1
+            phase = self.phases.for_epoch(shown)
+            totals = EpochTotals(**partial) if partial else EpochTotals()
+            partial, lr = None, self.state.lr
+            phase.sampler.set_epoch(epoch, skip=totals.batches * self.batch_size)
+            totals = self.train(phase, shown, totals)
+            if totals.interrupted:
+                self.checkpointer.interrupted(self.model, epoch, self.state, totals.state())
+                raise self.interrupted(f"stopped during epoch {shown} after step {totals.steps}")
+            self.warn_skipped(shown, totals.skipped)
+            val = self.validate(phase, shown)
+            row = epoch_row(shown, totals, val, lr)
+            improved = self.state.end_epoch(row)
+            if self.ctx.is_main:
+                for reporter in self.reporters:
+                    reporter.epoch_end(row, self.state.history)
+            self.checkpointer.end_of_epoch(self.model, shown, {k: v for k, v in row.items() if k != "epoch"},
+                                           self.state, improved)
+            self.reporter.info(format_epoch(shown, self.epochs, row))
+            if self.ctx.any(bool(self.stop)):
+                raise self.interrupted(f"stopped after epoch {shown}")
+            if self.state.should_stop_early(shown, self.epochs):
+                self.reporter.info(f"early stop: {self.state.monitor} has not improved for {self.state.patience} "
+                                   f"epochs (best {self.state.best_metric:.4f} at epoch {self.state.best_epoch})")
+                return True
+        return False
+
+    def train(self, phase: Phase, epoch: int, totals: EpochTotals) -> EpochTotals:
+        with self.reporter.bar(f"train epoch[{epoch}/{self.epochs}]", self.images[0]) as on_step:
+            totals = train_one_epoch(
+                phase.net, phase.train, self.state.optimizer, self.criterion, phase.batcher, epoch=epoch,
+                scaler=self.state.scaler, clip_grad=self.clip_grad, prepare_model=phase.prepare, on_step=on_step,
+                totals=totals, should_stop=lambda: self.ctx.any(bool(self.stop)), sync_every=self.sync_every,
+                batch_transform=self.batch_transform, after_step=self.after_step)
+        return reduce_totals(totals, self.ctx)
+
+    def validate(self, phase: Phase, epoch: int) -> EvalResult | None:
+        if phase.val is None:
+            return None
+        with self.reporter.bar(f"valid epoch[{epoch}/{self.epochs}]", self.images[1]) as on_step:
+            return evaluate(phase.eval_net, phase.val, self.criterion, phase.batcher, self.num_classes,
+                            on_step=on_step, reduce=self.ctx.sum)
+
+    def warn_skipped(self, epoch: int, skipped: list[str]) -> None:
+        if skipped:
+            self.reporter.always(f"warning: epoch {epoch} skipped {len(skipped)} unreadable image(s): "
+                                 + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+
+    def interrupted(self, what: str) -> Interrupted:
+        run_dir = self.checkpointer.run_dir
+        return Interrupted(f"{what}; saved {self.checkpointer.last}. Resume with: cnntrain train --resume {run_dir}",
+                           self.stop.signum or signal.SIGINT)
+
+
+def epoch_row(epoch: int, totals: EpochTotals, val: EvalResult | None, lr: float) -> dict[str, Any]:
+    """One line of the history (and of metrics.csv)."""
+    train = totals.summary()
+    return {
+        "epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
+        "val_loss": val.loss if val else None, "val_acc": val.acc if val else None,
+        "val_top5": val.top5 if val else None, "lr": lr, "seconds": train["seconds"] + (val.seconds if val else 0.0),
+        "images_per_s": train["images_per_s"],
+    }
+
+
+def reduce_totals(totals: EpochTotals, ctx: DistContext) -> EpochTotals:
+    """An epoch's sums over all ranks (steps and batches are the same on every rank)."""
+    if not ctx.enabled:
+        return totals
+    sums = ctx.sum(torch.tensor([totals.loss_sum, totals.correct, totals.seen], dtype=torch.float64))
+    return dataclasses.replace(totals, loss_sum=float(sums[0]), correct=int(sums[1]), seen=int(sums[2]))

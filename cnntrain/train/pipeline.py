@@ -1,0 +1,111 @@
+"""The input pipeline of a run: datasets, samplers, the decoded-image cache, loaders, batcher.
+
+Built by one function, ``build_pipeline``, which ``fit`` and ``bench --pipeline`` both call, so
+what the benchmark times is what training runs (drop_last rule, GPU decoding, caches included).
+See DESIGN.md, "The input path": loaders yield uint8 batches; the ``Batcher`` makes them the
+model's float input on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from cnntrain.data import DatasetSplits, ImageDataset, Normalize, collate_skipping, default_workers, make_loader
+from cnntrain.data.gpu_decode import EncodedImageDataset, collate_encoded, use_gpu_decode
+from cnntrain.data.imagecache import ImageCache, build_image_cache, default_budget
+from cnntrain.data.sampler import EpochSampler, SeededDataset, ShardSampler
+from cnntrain.data.transforms import CROP_RATIO, eval_transform, train_transform
+from cnntrain.engine import Batcher
+from cnntrain.train.distributed import DistContext
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """What the pipeline reads from the run's configuration (``TrainConfig.pick``)."""
+
+    img_size: int = 224
+    aug: tuple[str, ...] = ()
+    batch_size: int = 32
+    workers: int | None = None  # None: default_workers() shared between the ranks of this machine
+    seed: int = 0
+    cache: str = "auto"
+    cache_max_gb: float | None = None  # None: a quarter of the available memory
+    gpu_decode: bool = False
+
+    @property
+    def deterministic(self) -> bool:
+        """``--aug none``: every epoch sees the same training tensors (what the feature cache needs)."""
+        return "none" in self.aug
+
+    def loader_workers(self, local_world_size: int = 1) -> int:
+        if self.workers is not None:
+            return self.workers
+        return max(1, default_workers() // local_world_size)
+
+
+@dataclass
+class InputPipeline:
+    train: DataLoader
+    val: DataLoader | None
+    sampler: EpochSampler  # call set_epoch before each epoch
+    batcher: Batcher
+    workers: int
+    train_cache: ImageCache | None
+    val_cache: ImageCache | None
+
+
+def decoded_image_cache(splits: DatasetSplits, settings: PipelineSettings, *, workers: int, local_world_size: int = 1,
+                        log: Log = lambda s: None, progress: bool = False) -> ImageCache | None:
+    """Every image of train and val decoded once, resized to the eval size, for all epochs.
+
+    Under torchrun each rank holds its own RAM copy, so the machine's budget is shared."""
+    budget_gb = settings.cache_max_gb if settings.cache_max_gb is not None else default_budget() / 1e9
+    return build_image_cache(splits.train + splits.val, short_side=int(settings.img_size / CROP_RATIO),
+                             mode=settings.cache, max_gb=budget_gb / local_world_size, workers=workers, log=log,
+                             progress=progress)
+
+
+def build_pipeline(splits: DatasetSplits, settings: PipelineSettings, *, device: torch.device,
+                   mean: list[float], std: list[float], channels_last: bool, amp_dtype: torch.dtype | None,
+                   ctx: DistContext = DistContext(), image_cache: ImageCache | None | bool = True,
+                   log: Log = lambda s: None, progress: bool = False) -> InputPipeline:
+    """Loaders over ``splits`` as training reads them.
+
+    ``image_cache``: True builds the decoded-image cache (``settings.cache``), False uses none,
+    or pass one already built for ``splits.train + splits.val``. ``--gpu-decode`` on CUDA makes
+    the workers pass JPEG bytes that the Batcher decodes and augments on the device (no cache).
+    """
+    workers = settings.loader_workers(ctx.local_world_size)
+    gpu_decode = use_gpu_decode(settings.gpu_decode, device, log)
+    if gpu_decode or image_cache is False:
+        image_cache = None
+    elif image_cache is True:
+        image_cache = decoded_image_cache(splits, settings, workers=workers, local_world_size=ctx.local_world_size,
+                                          log=log, progress=progress)
+    train_cache, val_cache = image_cache.split(len(splits.train)) if image_cache is not None else (None, None)
+    dataset_type, collate = (EncodedImageDataset, collate_encoded) if gpu_decode else (ImageDataset, collate_skipping)
+    train_tf = (eval_transform(settings.img_size) if settings.deterministic
+                else train_transform(settings.img_size, settings.aug))
+    sampler = EpochSampler(splits.train, shuffle=True, seed=settings.seed, num_replicas=ctx.world_size, rank=ctx.rank)
+    # BatchNorm cannot train on a batch of one: skip that lone last sample (a different one
+    # each epoch, as the order is shuffled) rather than crash at the end of the epoch.
+    drop_last = sampler.num_samples % settings.batch_size == 1
+    # Files that break after the scan are skipped and counted, never fatal (collate_skipping).
+    train = make_loader(SeededDataset(dataset_type(splits.train, train_tf, skip_unreadable=True, cache=train_cache)),
+                        batch_size=settings.batch_size, shuffle=False, sampler=sampler, workers=workers, device=device,
+                        seed=settings.seed, drop_last=drop_last, collate_fn=collate)
+    val = None
+    if splits.val:
+        val = make_loader(dataset_type(splits.val, eval_transform(settings.img_size), skip_unreadable=True,
+                                       cache=val_cache),
+                          batch_size=settings.batch_size, shuffle=False, workers=workers, device=device,
+                          seed=settings.seed, collate_fn=collate,
+                          sampler=ShardSampler(splits.val, num_replicas=ctx.world_size, rank=ctx.rank))
+    batcher = Batcher(device, Normalize(mean, std).to(device), channels_last, amp_dtype)
+    return InputPipeline(train, val, sampler, batcher, workers, train_cache, val_cache)

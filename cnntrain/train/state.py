@@ -1,0 +1,84 @@
+"""Everything a run must carry across a restart besides the weights, in one object.
+
+``TrainingState`` holds the optimiser, schedule, gradient scaler, best metric, history and
+early-stopping rule. ``state_dict()`` is what last.pt stores beside the weights and
+``load_state_dict()`` puts it back, so resuming is one call and a new piece of state (an
+average of the weights, say) is one more field saved and loaded here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from cnntrain.runtime import rng_state, set_rng_state
+from cnntrain.train.optim import OptimizerSettings, ScheduleSettings, build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best_metric: float
+    monitor: str
+    epochs_run: int
+    seconds: float
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainingState:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    monitor: str  # the history column that decides the best epoch: val_acc, or train_acc without val
+    patience: int | None = None
+    best_metric: float = -math.inf
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, model: nn.Module, optim: OptimizerSettings, schedule: ScheduleSettings, *, fp16: bool,
+               monitor: str, patience: int | None) -> TrainingState:
+        """Fresh state for ``model``; ``fp16`` autocast needs a GradScaler (bf16 does not)."""
+        optimizer = build_optimizer(model, optim)
+        scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        return cls(optimizer, build_scheduler(optimizer, schedule), scaler, monitor, patience)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def end_epoch(self, row: dict[str, Any]) -> bool:
+        """Step the schedule and record the epoch's row; True when it is the best so far."""
+        self.scheduler.step()
+        self.history.append(row)
+        metric = row[self.monitor]
+        if metric > self.best_metric:
+            self.best_metric, self.best_epoch = metric, row["epoch"]
+            return True
+        return False
+
+    def should_stop_early(self, epoch: int, epochs: int) -> bool:
+        """``patience`` epochs without a new best (never on the last epoch: it ends anyway)."""
+        return self.patience is not None and epoch - self.best_epoch >= self.patience and epoch < epochs
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                    scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                    best_metric=self.best_metric, best_epoch=self.best_epoch, history=self.history, rng=rng_state())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
+        self.history = list(state["history"])
+        set_rng_state(state["rng"])
