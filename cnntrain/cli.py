@@ -1,23 +1,47 @@
 """The ``cnntrain`` command line: one thin function per command.
 
 Each command parses its options, makes one call into the library and prints the result.
-Expected failures arrive as ``CnnTrainError`` and leave as one red line and an exit code
-(2 for usage errors); only genuine bugs show a traceback.
+Expected failures arrive as ``CnnTrainError`` and leave, through the one ``command`` wrapper,
+as one red line and an exit code (2 for usage errors); only genuine bugs show a traceback.
+
+Defaults in the help of ``train`` are read from ``TrainConfig`` and every list of choices from
+``cnntrain.choices``, so the help cannot drift from the code. Nothing here imports torch until
+a command runs: ``cnntrain --help`` stays fast.
 """
+
+# One option per line: the signatures read as tables of options.
+# ruff: noqa: E501
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from cnntrain import __version__
-from cnntrain.errors import CnnTrainError
+from cnntrain.choices import (
+    AUGMENTATIONS,
+    BENCH_FORMATS,
+    CACHE_MODES,
+    EVAL_FORMATS,
+    EVAL_SPLITS,
+    EXPORT_FORMATS,
+    LR_SCALES,
+    MODELS_FORMATS,
+    OPTIMIZERS,
+    PREDICT_FORMATS,
+    SCHEDULES,
+)
+from cnntrain.config import TrainConfig
+from cnntrain.errors import CnnTrainError, UsageError, first_line
 
 app = typer.Typer(
     name="cnntrain",
@@ -32,22 +56,70 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+Opt = typer.Option
 
 
-def fail(exc: CnnTrainError) -> None:
+# --------------------------------------------------------------------------- errors and help texts
+
+
+def fail(exc: CnnTrainError) -> NoReturn:
     """One line, whatever the message carries (DataLoader workers append their traceback).
 
     Under torchrun other ranks name themselves, and stay silent when stopped by a signal
     (rank 0 already says where the run was saved)."""
-    from cnntrain.distributed import rank
-    from cnntrain.signals import Interrupted
+    from cnntrain.train.distributed import rank
+    from cnntrain.train.signals import Interrupted
 
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    line = first_line(exc)
     if rank() == 0:
-        err.print(f"[bold red]error:[/] {escape(lines[0])}", markup=True, highlight=False)
+        err.print(f"[bold red]error:[/] {escape(line)}", markup=True, highlight=False)
     elif not isinstance(exc, Interrupted):
-        err.print(f"[bold red]error (rank {rank()}):[/] {escape(lines[0])}", markup=True, highlight=False)
+        err.print(f"[bold red]error (rank {rank()}):[/] {escape(line)}", markup=True, highlight=False)
     raise typer.Exit(exc.exit_code)
+
+
+def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
+    """``app.command``, with every ``CnnTrainError`` of the command leaving through ``fail``."""
+
+    def register(func: F) -> F:
+        @functools.wraps(func)  # Typer reads the options from the wrapped signature
+        def run(*args: Any, **kw: Any) -> Any:
+            try:
+                return func(*args, **kw)
+            except CnnTrainError as exc:
+                fail(exc)
+
+        app.command(name, **kwargs)(run)
+        return run  # type: ignore[return-value]
+
+    return register
+
+
+def check_choice(option: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise UsageError(f"{option} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def one_of(choices: Sequence[str]) -> str:
+    """``('a', 'b', 'c')`` -> ``'a, b or c'``, for help texts."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else "".join(choices)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def default(name: str, when_none: str = "none") -> str:
+    """``(default: X)`` with X read from ``TrainConfig``; ``when_none`` says what None means."""
+    value = _DEFAULTS[name]
+    if value is None:
+        text = when_none
+    elif isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    return f"(default: {text})"
 
 
 def _version(value: bool) -> None:
@@ -59,7 +131,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,
 ) -> None:
     """cnntrain: transfer learning for image classifiers from the command line."""
@@ -68,29 +140,16 @@ def root(
 # --------------------------------------------------------------------------- models
 
 
-@app.command()
+@command()
 def models(
-    pattern: Annotated[Optional[str], typer.Argument(help="Glob or substring, e.g. 'resnet*' or 'shuffle'.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    pattern: Annotated[str | None, typer.Argument(help="Glob or substring, e.g. 'resnet*' or 'shuffle'.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help=f"{one_of(MODELS_FORMATS)}.")] = "table",
 ) -> None:
     """List architectures: family, parameters, GMACs at 224x224, ImageNet weights and top-1."""
-    from cnntrain.models import list_models, model_info
-    from cnntrain.models.stats import model_stats_cached
+    check_choice("--format", fmt, MODELS_FORMATS)
+    from cnntrain.models import model_rows
 
-    try:
-        _check_choice("--format", fmt, ("table", "json"))
-        names = list_models(pattern)
-        if not names:
-            raise CnnTrainError(f"no architecture matches {pattern!r}; run `cnntrain models` for the full list")
-        rows = []
-        all_stats = model_stats_cached(names, 224)
-        for name in names:
-            info = model_info(name)
-            stats = all_stats[name]
-            rows.append({**info, "params_m": round(stats["params_m"], 3), "gmacs": round(stats["gmacs"], 3),
-                         "macs_img_size": stats["img_size"]})
-    except CnnTrainError as exc:
-        fail(exc)
+    rows = model_rows(pattern)
     if fmt == "json":
         print(json.dumps(rows, indent=2))
         return
@@ -110,86 +169,77 @@ def models(
 
 # --------------------------------------------------------------------------- train
 
-Opt = typer.Option
+
+def _panel(title: str) -> Callable[..., Any]:
+    return functools.partial(typer.Option, rich_help_panel=title)
 
 
-@app.command(no_args_is_help=False)
+Data, Model, Optim, Hardware, Output = map(_panel, ("Data", "Model", "Optimisation", "Hardware", "Output"))
+_AUGS = ", ".join(a for a in AUGMENTATIONS if a != "none")
+
+
+@command(no_args_is_help=False)
 def train(
-    data_path: Annotated[Optional[Path], Opt("--data-path", "--data", help="ImageFolder root: one sub-folder per class (or train/ + val/).", rich_help_panel="Data")] = None,
-    dataset: Annotated[Optional[str], Opt(help="Built-in dataset: shapes (offline), flowers, cifar10, cifar100.", rich_help_panel="Data")] = None,
-    val_split: Annotated[Optional[float], Opt(help="Held-out fraction per class when DIR is not pre-split (default: 0.1).", rich_help_panel="Data")] = None,
-    img_size: Annotated[Optional[int], Opt(help="Training crop size (default: 224).", rich_help_panel="Data")] = None,
-    aug: Annotated[Optional[str], Opt(help="Extra augmentation, comma-separated: trivialaugment, randaugment, erasing; 'none' = deterministic.", rich_help_panel="Data")] = None,
-    workers: Annotated[Optional[int], Opt(help="DataLoader worker processes (default: min(8, CPUs)).", rich_help_panel="Data")] = None,
-    strict: Annotated[Optional[bool], Opt("--strict/--no-strict", help="Any unreadable image is an error (default: skip them with a warning).", rich_help_panel="Data")] = None,
-    cache: Annotated[Optional[str], Opt(help="Decode each image once and keep it, resized, for every epoch: auto (RAM if it fits --cache-max-gb, else disk), ram, disk or none (default: auto).", rich_help_panel="Data")] = None,
-    cache_max_gb: Annotated[Optional[float], Opt(help="RAM budget of --cache in GB (default: a quarter of the available memory).", rich_help_panel="Data")] = None,
-    gpu_decode: Annotated[Optional[bool], Opt("--gpu-decode/--no-gpu-decode", help="On CUDA, decode and augment JPEGs on the GPU (nvjpeg) instead of in the loader workers; turns the image cache off (default: off).", rich_help_panel="Data")] = None,
-    arch: Annotated[Optional[str], Opt(help="Architecture name (see `cnntrain models`) (default: resnet18).", rich_help_panel="Model")] = None,
-    pretrained: Annotated[Optional[bool], Opt("--pretrained/--no-pretrained", help="Start from ImageNet weights (default: on where they exist).", rich_help_panel="Model")] = None,
-    weights: Annotated[Optional[Path], Opt(help="Start from a cnntrain checkpoint or a plain state dict.", rich_help_panel="Model")] = None,
-    freeze_layers: Annotated[Optional[bool], Opt("--freeze-layers/--no-freeze-layers", help="Train only the classifier head.", rich_help_panel="Model")] = None,
-    unfreeze_epoch: Annotated[Optional[int], Opt(help="With --freeze-layers: unfreeze everything from this epoch on (1-based).", rich_help_panel="Model")] = None,
-    feature_cache: Annotated[Optional[bool], Opt("--feature-cache/--no-feature-cache", help="With --freeze-layers and --aug none, run the backbone once and train the head on cached features (default: on).", rich_help_panel="Model")] = None,
-    epochs: Annotated[Optional[int], Opt(help="(default: 10)", rich_help_panel="Optimisation")] = None,
-    batch_size: Annotated[Optional[int], Opt(help="(default: 32)", rich_help_panel="Optimisation")] = None,
-    opt: Annotated[Optional[str], Opt(help="sgd, adamw or adam (default: sgd).", rich_help_panel="Optimisation")] = None,
-    lr: Annotated[Optional[float], Opt(help="Base learning rate (default: 0.01).", rich_help_panel="Optimisation")] = None,
-    momentum: Annotated[Optional[float], Opt(help="SGD momentum (default: 0.9).", rich_help_panel="Optimisation")] = None,
-    nesterov: Annotated[Optional[bool], Opt("--nesterov/--no-nesterov", help="Nesterov momentum for SGD (default: on).", rich_help_panel="Optimisation")] = None,
-    weight_decay: Annotated[Optional[float], Opt(help="(default: 1e-4)", rich_help_panel="Optimisation")] = None,
-    sched: Annotated[Optional[str], Opt(help="step, multistep, cosine or none (default: cosine).", rich_help_panel="Optimisation")] = None,
-    step_size: Annotated[Optional[int], Opt(help="Epochs per step for --sched step (default: 10).", rich_help_panel="Optimisation")] = None,
-    gamma: Annotated[Optional[float], Opt(help="Decay factor for step/multistep (default: 0.1).", rich_help_panel="Optimisation")] = None,
-    milestones: Annotated[Optional[str], Opt(help="Epochs for --sched multistep, e.g. 10,20.", rich_help_panel="Optimisation")] = None,
-    lrf: Annotated[Optional[float], Opt(help="Cosine floor as a fraction of --lr (default: 0.01).", rich_help_panel="Optimisation")] = None,
-    warmup_epochs: Annotated[Optional[int], Opt(help="Linear warm-up epochs (default: 0).", rich_help_panel="Optimisation")] = None,
-    label_smoothing: Annotated[Optional[float], Opt(help="(default: 0)", rich_help_panel="Optimisation")] = None,
-    clip_grad: Annotated[Optional[float], Opt(help="Clip the gradient norm to this value.", rich_help_panel="Optimisation")] = None,
-    patience: Annotated[Optional[int], Opt(help="Stop after this many epochs without improvement.", rich_help_panel="Optimisation")] = None,
-    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N or mps (default: auto).", rich_help_panel="Hardware")] = None,
-    amp: Annotated[Optional[bool], Opt("--amp/--no-amp", help="Mixed precision on CUDA (default: on).", rich_help_panel="Hardware")] = None,
-    compile: Annotated[Optional[bool], Opt("--compile/--no-compile", help="torch.compile the model.", rich_help_panel="Hardware")] = None,
-    nproc: Annotated[Optional[int], Opt(help="Train data-parallel with this many processes on this machine (one per GPU), launched through torchrun; --batch-size is per process.", rich_help_panel="Hardware")] = None,
-    sync_bn: Annotated[Optional[bool], Opt("--sync-bn/--no-sync-bn", help="Distributed: BatchNorm statistics over all processes (CUDA only).", rich_help_panel="Hardware")] = None,
-    lr_scale: Annotated[Optional[str], Opt(help="Distributed: none keeps --lr as given; linear multiplies it by the number of processes (default: none).", rich_help_panel="Hardware")] = None,
-    seed: Annotated[Optional[int], Opt(help="(default: 0)", rich_help_panel="Hardware")] = None,
-    deterministic: Annotated[Optional[bool], Opt("--deterministic/--no-deterministic", help="Deterministic algorithms (reproducible, slower).", rich_help_panel="Hardware")] = None,
-    project: Annotated[Optional[str], Opt(help="Folder for runs (default: runs).", rich_help_panel="Output")] = None,
-    name: Annotated[Optional[str], Opt(help="Run name; taken names get 2, 3, ... (default: exp).", rich_help_panel="Output")] = None,
-    exist_ok: Annotated[Optional[bool], Opt("--exist-ok", help="Reuse project/name instead of numbering.", rich_help_panel="Output")] = None,
-    resume: Annotated[Optional[str], Opt(help="Continue a run: its last.pt, its folder, or 'auto' for the latest.", rich_help_panel="Output")] = None,
-    quiet: Annotated[Optional[bool], Opt("--quiet", "-q", help="Print only the final summary.", rich_help_panel="Output")] = None,
-    config: Annotated[Optional[Path], Opt("--config", help="YAML file of options; command-line flags win.", rich_help_panel="Output")] = None,
+    data_path: Annotated[Path | None, Data("--data-path", "--data", help="ImageFolder root: one sub-folder per class (or train/ + val/).")] = None,
+    dataset: Annotated[str | None, Data(help="Built-in dataset: shapes (offline), flowers, cifar10, cifar100.")] = None,
+    val_split: Annotated[float | None, Data(help=f"Held-out fraction per class when DIR is not pre-split {default('val_split')}.")] = None,
+    img_size: Annotated[int | None, Data(help=f"Training crop size {default('img_size')}.")] = None,
+    aug: Annotated[str | None, Data(help=f"Extra augmentation, comma-separated: {_AUGS}; 'none' = deterministic.")] = None,
+    workers: Annotated[int | None, Data(help=f"DataLoader worker processes {default('workers', 'min(8, CPUs)')}.")] = None,
+    strict: Annotated[bool | None, Data("--strict/--no-strict", help=f"Any unreadable image is an error, instead of being skipped with a warning {default('strict')}.")] = None,
+    cache: Annotated[str | None, Data(help=f"Decode each image once and keep it, resized, for every epoch: {one_of(CACHE_MODES)}; auto = RAM if it fits --cache-max-gb, else disk {default('cache')}.")] = None,
+    cache_max_gb: Annotated[float | None, Data(help=f"RAM budget of --cache in GB {default('cache_max_gb', 'a quarter of the available memory')}.")] = None,
+    gpu_decode: Annotated[bool | None, Data("--gpu-decode/--no-gpu-decode", help=f"On CUDA, decode and augment JPEGs on the GPU (nvjpeg) instead of in the loader workers; turns the image cache off {default('gpu_decode')}.")] = None,
+    arch: Annotated[str | None, Model(help=f"Architecture name (see `cnntrain models`) {default('arch')}.")] = None,
+    pretrained: Annotated[bool | None, Model("--pretrained/--no-pretrained", help=f"Start from ImageNet weights {default('pretrained', 'on where they exist')}.")] = None,
+    weights: Annotated[Path | None, Model(help="Start from a cnntrain checkpoint or a plain state dict.")] = None,
+    freeze_layers: Annotated[bool | None, Model("--freeze-layers/--no-freeze-layers", help=f"Train only the classifier head {default('freeze_layers')}.")] = None,
+    unfreeze_epoch: Annotated[int | None, Model(help="With --freeze-layers: unfreeze everything from this epoch on (1-based).")] = None,
+    feature_cache: Annotated[bool | None, Model("--feature-cache/--no-feature-cache", help=f"With --freeze-layers and --aug none, run the backbone once and train the head on cached features {default('feature_cache')}.")] = None,
+    epochs: Annotated[int | None, Optim(help=f"Passes over the training data {default('epochs')}.")] = None,
+    batch_size: Annotated[int | None, Optim(help=f"Images per step, per process {default('batch_size')}.")] = None,
+    opt: Annotated[str | None, Optim(help=f"{one_of(OPTIMIZERS)} {default('opt')}.")] = None,
+    lr: Annotated[float | None, Optim(help=f"Base learning rate {default('lr')}.")] = None,
+    momentum: Annotated[float | None, Optim(help=f"SGD momentum {default('momentum')}.")] = None,
+    nesterov: Annotated[bool | None, Optim("--nesterov/--no-nesterov", help=f"Nesterov momentum for SGD {default('nesterov')}.")] = None,
+    weight_decay: Annotated[float | None, Optim(help=f"L2 penalty on the weights {default('weight_decay')}.")] = None,
+    sched: Annotated[str | None, Optim(help=f"{one_of(SCHEDULES)} {default('sched')}.")] = None,
+    step_size: Annotated[int | None, Optim(help=f"Epochs per step for --sched step {default('step_size')}.")] = None,
+    gamma: Annotated[float | None, Optim(help=f"Decay factor for step/multistep {default('gamma')}.")] = None,
+    milestones: Annotated[str | None, Optim(help="Epochs for --sched multistep, e.g. 10,20.")] = None,
+    lrf: Annotated[float | None, Optim(help=f"Cosine floor as a fraction of --lr {default('lrf')}.")] = None,
+    warmup_epochs: Annotated[int | None, Optim(help=f"Linear warm-up epochs {default('warmup_epochs')}.")] = None,
+    label_smoothing: Annotated[float | None, Optim(help=f"Label smoothing of the loss {default('label_smoothing')}.")] = None,
+    clip_grad: Annotated[float | None, Optim(help="Clip the gradient norm to this value.")] = None,
+    patience: Annotated[int | None, Optim(help="Stop after this many epochs without improvement.")] = None,
+    device: Annotated[str | None, Hardware(help=f"auto, cpu, cuda, cuda:N or mps {default('device')}.")] = None,
+    amp: Annotated[bool | None, Hardware("--amp/--no-amp", help=f"Mixed precision on CUDA {default('amp', 'on')}.")] = None,
+    compile: Annotated[bool | None, Hardware("--compile/--no-compile", help=f"torch.compile the model {default('compile')}.")] = None,
+    nproc: Annotated[int | None, Hardware(help="Train data-parallel with this many processes on this machine (one per GPU), launched through torchrun; --batch-size is per process.")] = None,
+    sync_bn: Annotated[bool | None, Hardware("--sync-bn/--no-sync-bn", help=f"Distributed, CUDA only: BatchNorm statistics over all processes {default('sync_bn')}.")] = None,
+    lr_scale: Annotated[str | None, Hardware(help=f"Distributed: {one_of(LR_SCALES)}; none keeps --lr as given, linear multiplies it by the number of processes {default('lr_scale')}.")] = None,
+    seed: Annotated[int | None, Hardware(help=f"Random seed {default('seed')}.")] = None,
+    deterministic: Annotated[bool | None, Hardware("--deterministic/--no-deterministic", help=f"Deterministic algorithms: reproducible, slower {default('deterministic')}.")] = None,
+    project: Annotated[str | None, Output(help=f"Folder for runs {default('project')}.")] = None,
+    name: Annotated[str | None, Output(help=f"Run name; taken names get 2, 3, ... {default('name')}.")] = None,
+    exist_ok: Annotated[bool | None, Output("--exist-ok", help=f"Reuse project/name instead of numbering {default('exist_ok')}.")] = None,
+    resume: Annotated[str | None, Output(help="Continue a run: its last.pt, its folder, or 'auto' for the latest.")] = None,
+    quiet: Annotated[bool | None, Output("--quiet", "-q", help=f"Print only the final summary {default('quiet')}.")] = None,
+    config: Annotated[Path | None, Output("--config", help="YAML file of options; command-line flags win.")] = None,
 ) -> None:
     """Train or fine-tune an architecture on an image folder or a built-in dataset."""
-    given = {k: v for k, v in locals().items() if v is not None and k not in ("config", "nproc")}
-    from cnntrain import distributed, trainer
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items()
+             if v is not None and k not in ("config", "nproc")}
     from cnntrain.runtime import resolve_device
-    from cnntrain.checkpoint import load as load_checkpoint
-    from cnntrain.config import build_config, load_yaml
+    from cnntrain.train import distributed, fit, train_config
 
-    for key in ("data_path", "weights"):
-        if key in given:
-            given[key] = str(given[key])
-    try:
-        file_values, source = {}, "config"
-        if resume is not None:
-            # A resumed run keeps its own configuration; flags given now (e.g. --epochs) still win.
-            path = trainer.resolve_resume(resume, given.get("project", "runs"))
-            file_values, source = dict(load_checkpoint(path).get("config") or {}), str(path)
-            file_values.pop("resume", None)
-            given["resume"] = str(path)
-        elif config is not None:
-            file_values, source = load_yaml(config), str(config)
-        cfg = build_config(file_values, given, source=source)
-        if nproc is not None and nproc != 1 and not distributed.under_torchrun():
-            distributed.check_sync_bn(cfg.sync_bn, resolve_device(cfg.device))
-            # The ranks rerun this very command line, minus --nproc, under torchrun.
-            raise typer.Exit(distributed.launch(nproc, distributed.strip_option(sys.argv[1:], "--nproc")))
-        result = trainer.fit(cfg)
-    except CnnTrainError as exc:
-        fail(exc)
+    # Flags given now win over the --config file, or over the configuration of a --resume'd run.
+    cfg, plan = train_config(given, config)
+    if nproc is not None and nproc != 1 and not distributed.under_torchrun():
+        distributed.check_sync_bn(cfg.sync_bn, resolve_device(cfg.device))
+        # The ranks rerun this very command line, minus --nproc, under torchrun.
+        raise typer.Exit(distributed.launch(nproc, distributed.strip_option(sys.argv[1:], "--nproc")))
+    result = fit(cfg, resume=plan)
     if distributed.rank() == 0:
         _print_train_summary(result)
 
@@ -209,31 +259,35 @@ def _print_train_summary(result: Any) -> None:
     out.print(table)
 
 
+def _weights_or_latest(weights: Path | None, project: str) -> Path:
+    """``--weights``, or best.pt of the latest run, saying so on stderr."""
+    from cnntrain.checkpoint import resolve_weights
+
+    path, was_default = resolve_weights(weights, project)
+    if was_default:
+        err.print(f"using {path} (the latest run); pass --weights to choose another")
+    return path
+
+
 # --------------------------------------------------------------------------- predict
 
 
-@app.command()
+@command()
 def predict(
     inputs: Annotated[list[str], typer.Argument(help="Images, folders or globs (quote globs: 'imgs/*.jpg').")],
-    weights: Annotated[Optional[Path], Opt(help="Checkpoint, or an export from `cnntrain export` (.onnx, or TorchScript) with its .json sidecar (default: best.pt of runs/latest).")] = None,
+    weights: Annotated[Path | None, Opt(help="Checkpoint, or an export from `cnntrain export` (.onnx, or TorchScript) with its .json sidecar (default: best.pt of runs/latest).")] = None,
     topk: Annotated[int, Opt(help="Classes to show per image.")] = 5,
-    fmt: Annotated[str, Opt("--format", help="table, json or csv.")] = "table",
+    fmt: Annotated[str, Opt("--format", help=f"{one_of(PREDICT_FORMATS)}.")] = "table",
     batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 32,
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
 ) -> None:
     """Classify images with a trained checkpoint; exit code 1 if any image could not be read."""
-    from cnntrain.checkpoint import resolve_weights
     from cnntrain.predict import format_predictions, predict_files
 
-    try:
-        _check_choice("--format", fmt, ("table", "json", "csv"))
-        path, was_default = resolve_weights(weights, project)
-        if was_default:
-            err.print(f"using {path} (the latest run); pass --weights to choose another")
-        rows = predict_files(inputs, path, topk=topk, batch_size=batch_size, device=device)
-    except CnnTrainError as exc:
-        fail(exc)
+    check_choice("--format", fmt, PREDICT_FORMATS)
+    rows = predict_files(inputs, _weights_or_latest(weights, project), topk=topk, batch_size=batch_size,
+                         device=device)
     if fmt == "table":
         _print_prediction_table(rows)
     else:
@@ -263,33 +317,26 @@ def _print_prediction_table(rows: list[dict]) -> None:
 # --------------------------------------------------------------------------- eval
 
 
-@app.command("eval")
+@command("eval")
 def eval_(
-    weights: Annotated[Optional[Path], Opt(help="Checkpoint (default: best.pt of runs/latest).")] = None,
-    data_path: Annotated[Optional[Path], Opt("--data-path", "--data", help="ImageFolder root (or train/ + val/).")] = None,
-    dataset: Annotated[Optional[str], Opt(help="Built-in dataset: shapes, flowers, cifar10, cifar100.")] = None,
-    split: Annotated[str, Opt(help="val, train or all.")] = "val",
-    fmt: Annotated[str, Opt("--format", help="table or json.")] = "table",
-    plot: Annotated[Optional[Path], Opt(help="Also write the confusion matrix as a PNG here.")] = None,
+    weights: Annotated[Path | None, Opt(help="Checkpoint (default: best.pt of runs/latest).")] = None,
+    data_path: Annotated[Path | None, Opt("--data-path", "--data", help="ImageFolder root (or train/ + val/).")] = None,
+    dataset: Annotated[str | None, Opt(help="Built-in dataset: shapes, flowers, cifar10, cifar100.")] = None,
+    split: Annotated[str, Opt(help=f"{one_of(EVAL_SPLITS)}.")] = "val",
+    fmt: Annotated[str, Opt("--format", help=f"{one_of(EVAL_FORMATS)}.")] = "table",
+    plot: Annotated[Path | None, Opt(help="Also write the confusion matrix as a PNG here.")] = None,
     batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 64,
-    workers: Annotated[Optional[int], Opt(help="DataLoader worker processes.")] = None,
+    workers: Annotated[int | None, Opt(help="DataLoader worker processes.")] = None,
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
 ) -> None:
     """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix of a checkpoint."""
-    from cnntrain.checkpoint import resolve_weights
     from cnntrain.evaluation import evaluate_checkpoint, format_report
 
-    try:
-        _check_choice("--format", fmt, ("table", "json"))
-        _check_choice("--split", split, ("val", "train", "all"))
-        path, was_default = resolve_weights(weights, project)
-        if was_default:
-            err.print(f"using {path} (the latest run); pass --weights to choose another")
-        report = evaluate_checkpoint(path, data_path=data_path, dataset=dataset, split=split,
-                                     batch_size=batch_size, workers=workers, device=device, plot=plot)
-    except CnnTrainError as exc:
-        fail(exc)
+    check_choice("--format", fmt, EVAL_FORMATS)
+    check_choice("--split", split, EVAL_SPLITS)
+    report = evaluate_checkpoint(_weights_or_latest(weights, project), data_path=data_path, dataset=dataset,
+                                 split=split, batch_size=batch_size, workers=workers, device=device, plot=plot)
     if fmt == "json":
         print(json.dumps(report, indent=2))
     else:
@@ -299,37 +346,35 @@ def eval_(
 # --------------------------------------------------------------------------- bench
 
 
-@app.command()
+@command()
 def bench(
     arch: Annotated[str, Opt(help="Architectures, comma-separated, e.g. resnet18,mobilenet_v3_small.")] = "resnet18",
     img_size: Annotated[int, Opt(help="Input size in pixels.")] = 224,
     batch_size: Annotated[int, Opt(help="Batch size for throughput (latency is at batch 1).")] = 32,
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    amp: Annotated[Optional[bool], Opt("--amp/--no-amp", help="Mixed precision (default: on for CUDA, bf16 where supported).")] = None,
-    channels_last: Annotated[Optional[bool], Opt("--channels-last/--no-channels-last", help="channels_last memory format (default: on for CUDA, and on the CPU from 96 px).")] = None,
+    amp: Annotated[bool | None, Opt("--amp/--no-amp", help="Mixed precision (default: on for CUDA, bf16 where supported).")] = None,
+    channels_last: Annotated[bool | None, Opt("--channels-last/--no-channels-last", help="channels_last memory format (default: on for CUDA, and on the CPU from 96 px).")] = None,
     runs: Annotated[int, Opt(help="Timed runs per measurement (the median is reported).")] = 5,
-    fmt: Annotated[str, Opt("--format", help="table, json or csv.")] = "table",
-    plot: Annotated[Optional[Path], Opt(help="Also write GMACs vs training images/s as a PNG here.")] = None,
+    fmt: Annotated[str, Opt("--format", help=f"{one_of(BENCH_FORMATS)}.")] = "table",
+    plot: Annotated[Path | None, Opt(help="Also write GMACs vs training images/s as a PNG here.")] = None,
     pipeline: Annotated[bool, Opt("--pipeline", help="Also time the real input pipeline and whole training epochs.")] = False,
-    data_path: Annotated[Optional[Path], Opt("--data-path", "--data", help="ImageFolder root for --pipeline.")] = None,
-    workers: Annotated[Optional[int], Opt(help="DataLoader workers for --pipeline (default: min(8, CPUs)).")] = None,
+    data_path: Annotated[Path | None, Opt("--data-path", "--data", help="ImageFolder root for --pipeline.")] = None,
+    workers: Annotated[int | None, Opt(help="DataLoader workers for --pipeline (default: min(8, CPUs)).")] = None,
     epochs: Annotated[int, Opt(help="Epochs for --pipeline (epoch 1 includes worker start-up).")] = 2,
-    cache: Annotated[str, Opt(help="Decoded-image cache for --pipeline, as in train: auto, ram, disk or none.")] = "auto",
-    cache_max_gb: Annotated[Optional[float], Opt(help="RAM budget of --cache in GB (default: a quarter of the available memory).")] = None,
+    cache: Annotated[str, Opt(help=f"Decoded-image cache for --pipeline, as in train: {one_of(CACHE_MODES)}.")] = "auto",
+    cache_max_gb: Annotated[float | None, Opt(help="RAM budget of --cache in GB (default: a quarter of the available memory).")] = None,
+    gpu_decode: Annotated[bool, Opt("--gpu-decode/--no-gpu-decode", help="For --pipeline on CUDA: decode and augment JPEGs on the GPU, as train --gpu-decode.")] = False,
 ) -> None:
     """Parameters, GMACs, inference/training images/s and latency per architecture; --pipeline adds data timings."""
     from cnntrain.bench import bench_table, format_rows, parse_archs, plot_bench, run_bench
 
-    try:
-        _check_choice("--format", fmt, ("table", "json", "csv"))
-        rows = run_bench(parse_archs(arch), img_size=img_size, batch_size=batch_size, device=device, amp=amp,
-                         channels_last=channels_last, runs=runs, data_path=data_path, pipeline=pipeline,
-                         workers=workers, epochs=epochs, cache=cache, cache_max_gb=cache_max_gb,
-                         log=lambda s: err.print(escape(s)))
-        if plot is not None:
-            err.print(f"plot: {plot_bench(rows, plot)}")
-    except CnnTrainError as exc:
-        fail(exc)
+    check_choice("--format", fmt, BENCH_FORMATS)
+    rows = run_bench(parse_archs(arch), img_size=img_size, batch_size=batch_size, device=device, amp=amp,
+                     channels_last=channels_last, runs=runs, data_path=data_path, pipeline=pipeline,
+                     workers=workers, epochs=epochs, cache=cache, cache_max_gb=cache_max_gb, gpu_decode=gpu_decode,
+                     log=lambda s: err.print(escape(s)))
+    if plot is not None:
+        err.print(f"plot: {plot_bench(rows, plot)}")
     if fmt == "table":
         out.print(bench_table(rows))
     else:
@@ -339,27 +384,21 @@ def bench(
 # --------------------------------------------------------------------------- export
 
 
-@app.command()
+@command()
 def export(
-    weights: Annotated[Optional[Path], Opt(help="Checkpoint to export (default: best.pt of runs/latest).")] = None,
-    fmt: Annotated[str, Opt("--format", help="onnx or torchscript.")] = "onnx",
-    output: Annotated[Optional[Path], Opt("--output", "-o", help="Exported file (default: beside the checkpoint, best.onnx / best.torchscript.pt); the sidecar is this name + .json.")] = None,
+    weights: Annotated[Path | None, Opt(help="Checkpoint to export (default: best.pt of runs/latest).")] = None,
+    fmt: Annotated[str, Opt("--format", help=f"{one_of(EXPORT_FORMATS)}.")] = "onnx",
+    output: Annotated[Path | None, Opt("--output", "-o", help="Exported file (default: beside the checkpoint, best.onnx / best.torchscript.pt); the sidecar is this name + .json.")] = None,
     dynamic_batch: Annotated[bool, Opt("--dynamic-batch", help="Accept any batch size (default: exactly 1 image per call).")] = False,
-    opset: Annotated[Optional[int], Opt(help="ONNX opset version (default: 17).")] = None,
+    opset: Annotated[int | None, Opt(help="ONNX opset version (default: 17).")] = None,
     project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
 ) -> None:
     """Export a checkpoint to ONNX or TorchScript (uint8 RGB in, logits out) plus a JSON sidecar; verified against PyTorch."""
-    from cnntrain.checkpoint import resolve_weights
-    from cnntrain.export import FORMATS, export_checkpoint
+    from cnntrain.export import export_checkpoint
 
-    try:
-        _check_choice("--format", fmt, FORMATS)
-        path, was_default = resolve_weights(weights, project)
-        if was_default:
-            err.print(f"using {path} (the latest run); pass --weights to choose another")
-        result = export_checkpoint(path, fmt, output, dynamic_batch=dynamic_batch, opset=opset)
-    except CnnTrainError as exc:
-        fail(exc)
+    check_choice("--format", fmt, EXPORT_FORMATS)
+    result = export_checkpoint(_weights_or_latest(weights, project), fmt, output, dynamic_batch=dynamic_batch,
+                               opset=opset)
     size_mb = result.path.stat().st_size / 1e6
     out.print(f"exported {result.path} ({size_mb:.1f} MB, {result.seconds:.1f}s), sidecar {result.sidecar}")
     out.print(f"verified against PyTorch on batch sizes {', '.join(map(str, result.batch_sizes))}: "
@@ -369,50 +408,30 @@ def export(
 # --------------------------------------------------------------------------- download-weights
 
 
-@app.command("download-weights")
+@command("download-weights")
 def download_weights(
-    archs: Annotated[Optional[list[str]], typer.Argument(help="Architectures whose ImageNet weights to fetch.")] = None,
+    archs: Annotated[list[str] | None, typer.Argument(help="Architectures whose ImageNet weights to fetch.")] = None,
     all_: Annotated[bool, Opt("--all", help="Fetch the weights of every architecture that has them.")] = False,
     list_: Annotated[bool, Opt("--list", help="Show what is cached (name, size, path) and exit.")] = False,
-    mirror: Annotated[Optional[str], Opt(envvar="CNNTRAIN_WEIGHTS_MIRROR", help="Base URL of a mirror holding the same file names.")] = None,
-    url: Annotated[Optional[str], Opt(help="Fetch this URL (file name must carry -<sha256 prefix>.).")] = None,
-    from_: Annotated[Optional[Path], Opt("--from", help="Import a local weights file into the cache.")] = None,
+    mirror: Annotated[str | None, Opt(envvar="CNNTRAIN_WEIGHTS_MIRROR", help="Base URL of a mirror holding the same file names.")] = None,
+    url: Annotated[str | None, Opt(help="Fetch this URL (file name must carry -<sha256 prefix>.).")] = None,
+    from_: Annotated[Path | None, Opt("--from", help="Import a local weights file into the cache.")] = None,
     timeout: Annotated[float, Opt(help="Connect/read timeout in seconds.")] = 30.0,
 ) -> None:
     """Download pretrained weights into torchvision's cache ($TORCH_HOME/hub/checkpoints)."""
     from cnntrain import weights as weights_mod
-    from cnntrain.errors import UsageError
-    from cnntrain.models import get_spec, list_models
 
-    try:
-        if list_:
-            _print_cached(weights_mod.list_cached())
-            return
-        if url is not None:
-            path = weights_mod.download(url, timeout=timeout)
-            out.print(f"cached {path}")
-            return
-        if from_ is not None:
-            path = weights_mod.import_file(from_)
-            out.print(f"cached {path}")
-            return
-        names = list_models() if all_ else (archs or [])
-        if not names:
-            raise UsageError("name at least one architecture (e.g. `cnntrain download-weights resnet50`), or use --all / --list")
-        specs = [get_spec(n) for n in names]  # unknown names fail before anything is fetched
-        todo: dict[str, str] = {}
-        for spec in specs:
-            if spec.weights is None:
-                if not all_:
-                    raise UsageError(f"{spec.name} has no pretrained weights (train it with --no-pretrained)")
-                continue
-            todo.setdefault(spec.weights.url, spec.name)
-        for weights_url, name in todo.items():
-            spec = get_spec(name)
-            path = weights_mod.ensure_cached(spec.weights, arch=name, mirror=mirror, timeout=timeout)
-            out.print(f"{name}: {path}")
-    except CnnTrainError as exc:
-        fail(exc)
+    if list_:
+        _print_cached(weights_mod.list_cached())
+    elif url is not None:
+        out.print(f"cached {weights_mod.download(url, timeout=timeout)}")
+    elif from_ is not None:
+        out.print(f"cached {weights_mod.import_file(from_)}")
+    elif not archs and not all_:
+        raise UsageError("name at least one architecture (e.g. `cnntrain download-weights resnet50`), or use --all / --list")
+    else:
+        weights_mod.download_for(archs or [], all_=all_, mirror=mirror, timeout=timeout,
+                                 on_cached=lambda name, path: out.print(f"{name}: {path}"))
 
 
 def _print_cached(rows: list[dict]) -> None:
@@ -427,13 +446,6 @@ def _print_cached(rows: list[dict]) -> None:
     for r in rows:
         table.add_row(r["name"], f"{r['size'] / 1e6:.1f}", str(r["path"]))
     out.print(table)
-
-
-def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        from cnntrain.errors import UsageError
-
-        raise UsageError(f"{option} must be one of {', '.join(choices)}, not {value!r}")
 
 
 def main() -> None:

@@ -21,21 +21,23 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cnntrain.download import FetchError, fetch
-from cnntrain.errors import CheckpointError, DownloadError, WeightsError
+from cnntrain.errors import CheckpointError, DownloadError, WeightsError, first_line
 from cnntrain.fileio import atomic_open, is_temp_name, sha256_file
+from cnntrain.http_download import FetchError, fetch
+from cnntrain.paths import weights_dir as cache_dir  # public here too: the CLI and tests ask weights
 
 __all__ = [
     "HASH_REGEX",
     "MIRROR_ENV",
     "cache_dir",
     "download",
+    "download_for",
     "ensure_cached",
     "file_name",
     "hash_prefix",
@@ -52,14 +54,11 @@ __all__ = [
 HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
 MIRROR_ENV = "CNNTRAIN_WEIGHTS_MIRROR"
 _CHUNK = 1 << 18
+#: Longest reason quoted from torch in a "damaged" message.
+_REASON_LIMIT = 120
 
 
-# --- names and places ---------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """torchvision's weights folder (follows $TORCH_HOME), so both tools share one cache."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
+# --- names and places (the cache folder itself is cnntrain.paths.weights_dir) ---------------
 
 
 def _url_of(weights: Any) -> str:
@@ -263,14 +262,6 @@ def list_cached(dest_dir: str | os.PathLike[str] | None = None) -> list[dict[str
 _GLOBAL_RE = re.compile(r"GLOBAL (\S+?)(?: whose| was|\s|$)")
 
 
-def _first_line(err: BaseException | str, limit: int = 120) -> str:
-    """An exception's text squeezed onto one short line (messages must stay one line)."""
-    text = " ".join(str(err).split())
-    if isinstance(err, BaseException):
-        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def safe_load(path: str | os.PathLike[str]) -> Any:
     """``torch.load`` with ``weights_only=True`` on the CPU, failures as one-line ``CheckpointError``.
 
@@ -298,11 +289,13 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
             ) from None
         # torch wraps the unpickler's reason in advice to retry with weights_only=False: drop it.
         reason = message.rsplit("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0]
-        raise CheckpointError(f"{p} is damaged or not a PyTorch file ({_first_line(reason)}){damaged}") from None
+        reason = first_line(reason.strip(), _REASON_LIMIT)
+        raise CheckpointError(f"{p} is damaged or not a PyTorch file ({reason}){damaged}") from None
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - torch reports damage as many types (EOF, OSError, KeyError ...)
-        raise CheckpointError(f"{p} is damaged or not a PyTorch file ({_first_line(err)}){damaged}") from err
+        reason = first_line(err, _REASON_LIMIT, with_type=True)
+        raise CheckpointError(f"{p} is damaged or not a PyTorch file ({reason}){damaged}") from err
 
 
 def ensure_cached(
@@ -372,8 +365,49 @@ def safe_torchvision_loading(**kw: Any) -> Iterator[None]:
         options = {"progress": kwargs.get("progress", True), **kw}
         return load_state_dict(self, **options)  # looked up at call time: patchable in tests
 
-    WeightsEnum.get_state_dict = get_state_dict  # type: ignore[method-assign]
+    WeightsEnum.get_state_dict = get_state_dict
     try:
         yield
     finally:
-        WeightsEnum.get_state_dict = original  # type: ignore[method-assign]
+        WeightsEnum.get_state_dict = original
+
+
+# --- fetching by architecture (`cnntrain download-weights`) ----------------------------------
+
+
+def download_for(
+    archs: Sequence[str],
+    *,
+    all_: bool = False,
+    mirror: str | None = None,
+    timeout: float = 30.0,
+    on_cached: Callable[[str, Path], None] | None = None,
+) -> list[tuple[str, Path]]:
+    """Cache the ImageNet weights of ``archs`` (or, with ``all_``, of every architecture that has
+    them); returns ``(arch, path)`` per file, and calls ``on_cached`` as each one is ready.
+
+    Every name is checked before anything is fetched. Architectures sharing a file are fetched
+    once, under the first name. Naming one without weights is a usage error; ``all_`` skips them.
+    No names and no ``all_``: nothing to do, an empty list.
+    """
+    # Here, not at the top: the registry loads torchvision's model zoo, which plain weight
+    # handling (and cnntrain.models itself, when it loads weights) should not wait for.
+    from cnntrain.errors import UsageError
+    from cnntrain.models.registry import get_spec, list_models
+
+    names = list_models() if all_ else list(archs)
+    specs = [get_spec(n) for n in names]  # unknown names fail before anything is fetched
+    todo: dict[str, Any] = {}  # url -> the first spec naming it
+    for spec in specs:
+        if spec.weights is None:
+            if not all_:
+                raise UsageError(f"{spec.name} has no pretrained weights (train it with --no-pretrained)")
+            continue
+        todo.setdefault(spec.weights.url, spec)
+    done = []
+    for spec in todo.values():
+        path = ensure_cached(spec.weights, arch=spec.name, mirror=mirror, timeout=timeout)
+        if on_cached is not None:
+            on_cached(spec.name, path)
+        done.append((spec.name, path))
+    return done

@@ -1,7 +1,8 @@
 """Every registered architecture builds with a new class count and trains one step.
 
 The registry is parametrised over, so a newly registered model is tested without touching
-this file. The few giants (hundreds of millions of parameters) are in the `slow` group.
+this file. One small member of each family runs in every tier; the other members (about 55, over a
+minute on two idle cores, several when they are busy) and the giants are in the `slow` group, which CI runs.
 """
 
 from __future__ import annotations
@@ -17,10 +18,28 @@ from cnntrain.models.stats import model_stats
 GIANT = {name for name in list_models() if name.startswith(("vit_h", "vit_l", "regnet_y_128gf", "regnet_y_32gf",
                                                               "regnet_x_32gf", "efficientnet_b7", "efficientnet_v2_l",
                                                               "convnext_large", "swin_v2_b", "swin_b", "maxvit"))}
+# The smallest member of each family; a new family needs one here (see the test below) unless all its
+# members are giants.
+REPRESENTATIVE = {
+    "alexnet": "alexnet", "cbam_resnet": "cbam_resnet50", "convnext": "convnext_tiny", "densenet": "densenet121",
+    "efficientnet": "efficientnet_b0", "efficientnet_v2": "efficientnet_v2_s", "googlenet": "googlenet",
+    "inception": "inception_v3", "mnasnet": "mnasnet0_5", "mobilenet_v2": "mobilenet_v2",
+    "mobilenet_v3": "mobilenet_v3_small", "regnet": "regnet_x_400mf", "resnet": "resnet18",
+    "resnext": "resnext50_32x4d", "se_resnet": "se_resnet18", "shufflenet_v1": "shufflenet_v1_g1",
+    "shufflenetv2": "shufflenet_v2_x0_5", "squeezenet": "squeezenet1_1", "swin_transformer": "swin_t",
+    "swin_v2": "swin_v2_t", "vgg": "vgg11", "vision_transformer": "vit_b_32", "wide_resnet": "wide_resnet50_2",
+}
 
 
 def _params(name: str):
-    return [pytest.param(n, marks=pytest.mark.slow) if n in GIANT else n for n in list_models() if n.startswith(name)]
+    fast = set(REPRESENTATIVE.values()) - GIANT
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in list_models() if n.startswith(name)]
+
+
+def test_every_family_has_a_small_representative():
+    families = {get_spec(n).family for n in list_models() if n not in GIANT}
+    assert families == set(REPRESENTATIVE)
+    assert all(get_spec(n).family == family for family, n in REPRESENTATIVE.items())
 
 
 def test_every_torchvision_classifier_is_registered():

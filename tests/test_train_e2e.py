@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from cnntrain.cli import app
 from cnntrain.weights import safe_load
+
+pytestmark = pytest.mark.integration  # whole CLI trainings
 
 TINY = ["--arch", "resnet18", "--no-pretrained", "--img-size", "32", "--batch-size", "8", "--workers", "0",
         "--device", "cpu", "--val-split", "0.25"]
@@ -40,7 +43,8 @@ def test_run_folder_has_every_file(trained):
     assert json.loads((run / "class_indices.json").read_text()) == {"0": "blue", "1": "green", "2": "red"}
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(rows[0]) >= {"train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "seconds", "images_per_s"}
+    assert set(rows[0]) >= {"train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "seconds",
+                            "images_per_s"}
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs_run"] == 2 and summary["classes"] == ["blue", "green", "red"]
     assert "epoch[2/2]" in result.output  # plain per-epoch lines off a terminal
@@ -66,7 +70,19 @@ def test_predict_every_image_in_json(trained, runner, image_folder):
     rows = json.loads(result.stdout)
     assert len(rows) == len(files)
     assert all(len(r["predictions"]) == 2 and r["error"] is None for r in rows)
-    assert abs(sum(p["prob"] for p in rows[0]["predictions"])) <= 1.0001
+    # top-2 of 3 classes: the first two of the full softmax (best first), not renormalised to sum to 1
+    result = runner.invoke(app, ["predict", str(image_folder), "--weights", str(run / "best.pt"), "--format", "json",
+                                 "--topk", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    full = {r["path"]: r["predictions"] for r in json.loads(result.stdout)}
+    for row in rows:
+        top2, top3 = row["predictions"], full[row["path"]]
+        probs = [p["prob"] for p in top3]
+        assert sorted(probs, reverse=True) == probs and all(0.0 <= p <= 1.0 for p in probs)
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert [p["class"] for p in top2] == [p["class"] for p in top3[:2]]
+        assert [p["prob"] for p in top2] == pytest.approx(probs[:2], abs=2e-6)
+        assert sum(p["prob"] for p in top2) == pytest.approx(1.0 - probs[2], abs=1e-5)
 
 
 def test_predict_defaults_to_latest_run(trained, runner, image_folder, monkeypatch):
@@ -105,10 +121,47 @@ def test_eval_json_and_plot(trained, runner, image_folder, tmp_path):
                                  "--format", "json", "--plot", str(plot), "--workers", "0", "--split", "all"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["images"] == 36 and 0.0 <= report["top1"] <= 1.0 and report["top5"] == 1.0
+    # top-1 counted by hand from predict's answers for the same 36 images; top-5 of 3 classes must be 1.0
+    result = runner.invoke(app, ["predict", str(image_folder), "--weights", str(run / "best.pt"), "--format", "json",
+                                 "--topk", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    hits = sum(Path(r["path"]).parent.name == r["predictions"][0]["class"] for r in rows)
+    assert report["images"] == len(rows) == 36
+    assert report["top1"] == pytest.approx(hits / 36) and report["top5"] == 1.0
     assert [r["class"] for r in report["per_class"]] == ["blue", "green", "red"]
     assert sum(r["support"] for r in report["per_class"]) == 36
     assert plot.stat().st_size > 0
+
+
+def test_eval_top1_and_top5_match_predict_with_seven_classes(runner, tmp_path):
+    """With more classes than 5, top-5 can miss: both numbers must agree with predict's rankings."""
+    from conftest import make_image_folder
+
+    from cnntrain import checkpoint
+    from cnntrain.models import get_model
+
+    classes = [f"c{i}" for i in range(7)]
+    data = make_image_folder(tmp_path / "seven", per_class=3, classes=tuple(classes), seed=1)
+    torch.manual_seed(0)
+    model = get_model("resnet18", num_classes=7)  # untrained: its rankings are arbitrary, hits are not all or none
+    weights = checkpoint.save(tmp_path / "best.pt", checkpoint.make_checkpoint(
+        model, arch="resnet18", classes=classes, img_size=32, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
+        config={}, epoch=1, metrics={}))
+    result = runner.invoke(app, ["eval", "--weights", str(weights), "--data-path", str(data), "--format", "json",
+                                 "--workers", "0", "--split", "all", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    result = runner.invoke(app, ["predict", str(data), "--weights", str(weights), "--format", "json", "--topk", "5",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    truth = [Path(r["path"]).parent.name for r in rows]
+    top1 = sum(t == r["predictions"][0]["class"] for t, r in zip(truth, rows, strict=True)) / len(rows)
+    top5 = sum(t in {p["class"] for p in r["predictions"]} for t, r in zip(truth, rows, strict=True)) / len(rows)
+    assert report["images"] == len(rows) == 21
+    assert report["top1"] == pytest.approx(top1) and report["top5"] == pytest.approx(top5)
+    assert top5 < 1.0  # so the comparison above means something
 
 
 def test_eval_rejects_other_classes(trained, runner, tmp_path):
@@ -116,7 +169,8 @@ def test_eval_rejects_other_classes(trained, runner, tmp_path):
 
     _, run, _ = trained
     other = make_image_folder(tmp_path / "other", per_class=3, classes=("blue", "green", "yellow"))
-    result = runner.invoke(app, ["eval", "--weights", str(run / "best.pt"), "--data-path", str(other), "--workers", "0"])
+    result = runner.invoke(app, ["eval", "--weights", str(run / "best.pt"), "--data-path", str(other),
+                                 "--workers", "0"])
     assert result.exit_code == 1
     assert "yellow" in result.stderr and "red" in result.stderr
 

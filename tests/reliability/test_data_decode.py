@@ -1,4 +1,4 @@
-"""Cases 11 and 12: decompression bombs are refused from the header; every colour mode and EXIF
+"""Decompression bombs are refused from the header; every colour mode and EXIF
 orientation decodes to sensible 3-channel uint8, the same way for train, eval and predict."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cnntrain.data import ImageDataset, decode_image, eval_transform, scan_sampl
 from cnntrain.data import decode as decode_mod
 from cnntrain.errors import DataError
 
-# ---------------------------------------------------------------- case 11: decompression bombs
+# ---------------------------------------------------------------- decompression bombs
 
 
 def png_claiming(path: Path, width: int, height: int) -> Path:
@@ -46,7 +46,7 @@ def refuse_pixel_decoding(monkeypatch) -> None:
 # 9000x9000 is under Pillow's own limit (ours catches it); 10000x10000 is in Pillow's warning
 # range; 20000x20000 is past Pillow's error limit.
 @pytest.mark.parametrize("width,height", [(20000, 20000), (10000, 10000), (9000, 9000)])
-def test_case11_decompression_bomb_is_refused_at_open(tmp_path, monkeypatch, width, height):
+def test_decompression_bomb_is_refused_from_its_header(tmp_path, monkeypatch, width, height):
     bomb = png_claiming(tmp_path / "bomb.png", width, height)
     refuse_pixel_decoding(monkeypatch)
     assert bomb.stat().st_size < 200
@@ -58,14 +58,14 @@ def test_case11_decompression_bomb_is_refused_at_open(tmp_path, monkeypatch, wid
     assert "\n" not in message and "bomb.png" in message and ("large" in message or "limit" in message)
 
 
-def test_case11_bomb_is_a_bad_file_in_the_scan(tmp_path, monkeypatch):
+def test_decompression_bomb_is_a_bad_file_in_the_scan(tmp_path, monkeypatch):
     bomb = png_claiming(tmp_path / "bomb.png", 20000, 20000)
     refuse_pixel_decoding(monkeypatch)
     result = scan_samples([(str(bomb), 0)], workers=0)
     assert result.good == [] and result.bad[0][0] == str(bomb)
 
 
-def test_case11_limit_is_configurable(tmp_path, monkeypatch):
+def test_pixel_limit_is_configurable_and_can_be_off(tmp_path, monkeypatch):
     path = tmp_path / "photo.png"
     Image.new("RGB", (40, 30)).save(path)
     monkeypatch.setattr(decode_mod, "MAX_IMAGE_PIXELS", 1000)
@@ -75,14 +75,14 @@ def test_case11_limit_is_configurable(tmp_path, monkeypatch):
     assert tuple(decode_image(path).shape) == (3, 30, 40)
 
 
-def test_case11_extreme_strip_is_refused(tmp_path, monkeypatch):
+def test_extreme_aspect_ratio_strip_is_refused(tmp_path, monkeypatch):
     strip = png_claiming(tmp_path / "strip.png", 100_000, 10)  # resizing its short side would explode
     refuse_pixel_decoding(monkeypatch)
     with pytest.raises(DataError, match="100000x10"):
         decode_image(strip)
 
 
-# ---------------------------------------------------------------- case 12: colour modes
+# ---------------------------------------------------------------- colour modes and EXIF orientation
 
 
 def pixel(t: torch.Tensor, x: int, y: int) -> list[int]:
@@ -93,7 +93,7 @@ def check_rgb(t: torch.Tensor, size: tuple[int, int]) -> None:
     assert t.dtype == torch.uint8 and tuple(t.shape) == (3, size[1], size[0])
 
 
-def test_case12_grey_and_one_bit(tmp_path):
+def test_grey_and_one_bit_images_decode_to_rgb(tmp_path):
     Image.new("L", (6, 4), 77).save(tmp_path / "l.png")
     t = decode_image(tmp_path / "l.png")
     check_rgb(t, (6, 4))
@@ -106,7 +106,7 @@ def test_case12_grey_and_one_bit(tmp_path):
     assert pixel(t, 0, 0) == [0, 0, 0] and pixel(t, 1, 1) == [255, 255, 255]
 
 
-def test_case12_transparency_is_composited_onto_white(tmp_path):
+def test_transparency_is_composited_onto_white(tmp_path):
     assert decode_mod.BACKGROUND == (255, 255, 255)
     # RGBA: left half fully transparent (hidden colour green), right half red at 50 % alpha
     rgba = Image.new("RGBA", (8, 4), (0, 255, 0, 0))
@@ -125,7 +125,7 @@ def test_case12_transparency_is_composited_onto_white(tmp_path):
     assert pixel(t, 0, 0) == [255, 255, 255] and pixel(t, 6, 0) == [200, 200, 200]
 
 
-def test_case12_palette_with_and_without_transparency(tmp_path):
+def test_palette_images_with_and_without_transparency(tmp_path):
     rgb = Image.new("RGB", (8, 4), (0, 0, 255))
     rgb.paste((255, 0, 0), (4, 0, 8, 4))
     pal = rgb.quantize(colors=2)
@@ -141,7 +141,7 @@ def test_case12_palette_with_and_without_transparency(tmp_path):
     assert pixel(t, 0, 0) == [255, 255, 255] and pixel(t, 6, 0) == [255, 0, 0]
 
 
-def test_case12_cmyk(tmp_path):
+def test_cmyk_tiff_and_jpeg_decode_to_rgb(tmp_path):
     cmyk = Image.new("CMYK", (8, 4), (0, 255, 255, 0))  # red
     cmyk.paste((0, 0, 0, 0), (4, 0, 8, 4))  # white
     cmyk.save(tmp_path / "cmyk.tif")
@@ -153,7 +153,7 @@ def test_case12_cmyk(tmp_path):
     assert r > 200 and g < 60 and b < 60
 
 
-def test_case12_sixteen_bit_is_scaled_not_white(tmp_path):
+def test_sixteen_bit_is_scaled_not_white(tmp_path):
     arr = np.array([[0, 32768, 65535, 1000]], dtype=np.uint16)
     Image.fromarray(arr).save(tmp_path / "deep.png")
     with Image.open(tmp_path / "deep.png") as check:
@@ -180,7 +180,7 @@ def is_red(rgb: list[int]) -> bool:
 
 
 @pytest.mark.parametrize("orientation,red_at", [(6, "top"), (8, "bottom"), (1, "left")])
-def test_case12_exif_orientation_same_in_decode_and_dataset(tmp_path, orientation, red_at):
+def test_exif_orientation_same_in_decode_and_dataset(tmp_path, orientation, red_at):
     path = oriented_jpeg(tmp_path / f"o{orientation}.jpg", orientation)
     direct = decode_image(path)
     via_eval, _ = ImageDataset([(str(path), 0)], eval_transform(16))[0]  # eval and predict preset
@@ -197,7 +197,7 @@ def test_case12_exif_orientation_same_in_decode_and_dataset(tmp_path, orientatio
     b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x02\x00\x00\x00\x02A\x00\x00\x00",  # orientation "A"
     b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x09\x00\x00",  # orientation 9
 ])
-def test_case12_broken_exif_does_not_cost_the_image(tmp_path, exif):
+def test_broken_exif_does_not_cost_the_image(tmp_path, exif):
     path = tmp_path / "exif.jpg"
     Image.new("RGB", (10, 6), (9, 9, 9)).save(path, exif=exif)
     assert tuple(decode_image(path).shape) == (3, 6, 10)

@@ -1,4 +1,4 @@
-"""Cases 13 and 14: odd folder layouts give a clear error or work; tiny datasets never crash."""
+"""Odd folder layouts give a clear error or work; tiny datasets never crash."""
 
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ def folder(root: Path, counts: dict[str, int]) -> Path:
     return root
 
 
-# ---------------------------------------------------------------- case 13: layouts
+# ---------------------------------------------------------------- folder layouts
 
 
-def test_case13_empty_class_folder_is_named(tmp_path):
+def test_empty_class_folder_is_named(tmp_path):
     folder(tmp_path, {"daisy": 3, "rose": 3})
     (tmp_path / "tulip").mkdir()
     for load in (scan_classes, load_folder):
@@ -48,7 +48,7 @@ def test_case13_empty_class_folder_is_named(tmp_path):
         assert "daisy" not in str(info.value) and "\n" not in str(info.value)
 
 
-def test_case13_no_class_folders_says_what_is_expected(tmp_path):
+def test_no_class_folders_says_what_is_expected(tmp_path):
     image(tmp_path / "flat1.jpg")  # images straight in the root: a common mistake
     with pytest.raises(DataError, match="no class folders.*expected one sub-folder per class"):
         load_folder(tmp_path)
@@ -58,7 +58,7 @@ def test_case13_no_class_folders_says_what_is_expected(tmp_path):
         load_folder(empty)
 
 
-def test_case13_missing_path_says_what_is_expected(tmp_path):
+def test_missing_path_says_what_is_expected(tmp_path):
     with pytest.raises(DataError) as info:
         load_folder(tmp_path / "nope")
     message = str(info.value)
@@ -68,7 +68,7 @@ def test_case13_missing_path_says_what_is_expected(tmp_path):
 
 
 @pytest.mark.timeout(30)
-def test_case13_symlink_loop_is_an_error_not_an_endless_walk(tmp_path):
+def test_symlink_loop_is_an_error_not_an_endless_walk(tmp_path):
     folder(tmp_path, {"a": 2, "b": 2})
     try:
         os.symlink(tmp_path / "a", tmp_path / "a" / "again", target_is_directory=True)
@@ -82,7 +82,7 @@ def test_case13_symlink_loop_is_an_error_not_an_endless_walk(tmp_path):
         load_folder(tmp_path)
 
 
-def test_case13_dangling_symlink_is_a_bad_file_not_a_crash(tmp_path):
+def test_dangling_symlink_is_a_bad_file_not_a_crash(tmp_path):
     folder(tmp_path, {"a": 2})
     try:
         os.symlink(tmp_path / "gone.jpg", tmp_path / "a" / "link.jpg")
@@ -93,7 +93,7 @@ def test_case13_dangling_symlink_is_a_bad_file_not_a_crash(tmp_path):
     assert len(result.good) == 2 and result.bad[0][0].endswith("link.jpg")
 
 
-def test_case13_non_ascii_and_spaces_in_paths(tmp_path):
+def test_non_ascii_and_spaces_in_paths_work_end_to_end(tmp_path):
     root = tmp_path / "données"
     image(root / "tulipe rouge" / "été 1.jpg", colour=(200, 20, 20))
     image(root / "tulipe rouge" / "été 2.jpg", colour=(200, 20, 20))
@@ -111,10 +111,10 @@ def test_case13_non_ascii_and_spaces_in_paths(tmp_path):
     assert all(t.shape == (3, 8, 8) and t.dtype == torch.uint8 for t in images)
 
 
-# ---------------------------------------------------------------- case 14: tiny datasets
+# ---------------------------------------------------------------- tiny datasets
 
 
-def test_case14_one_image_per_class_all_to_train(tmp_path):
+def test_one_image_per_class_all_goes_to_train(tmp_path):
     folder(tmp_path, {"a": 1, "b": 1, "c": 1})
     splits = load_folder(tmp_path, val_split=0.2)
     assert len(splits.train) == 3 and splits.val == []
@@ -123,7 +123,7 @@ def test_case14_one_image_per_class_all_to_train(tmp_path):
     assert "0 images" in val_line and "nothing held out" in val_line
 
 
-def test_case14_class_without_validation_images_is_named(tmp_path):
+def test_class_without_validation_images_is_named(tmp_path):
     folder(tmp_path, {"big": 10, "lonely": 1})
     splits = load_folder(tmp_path, val_split=0.2, seed=1)
     assert {label for _, label in splits.val} == {0}
@@ -132,7 +132,7 @@ def test_case14_class_without_validation_images_is_named(tmp_path):
     assert "no val images of class lonely" in val_line
 
 
-def test_case14_single_class_and_split_invariants(tmp_path):
+def test_single_class_keeps_a_training_image_at_any_split(tmp_path):
     folder(tmp_path, {"only": 2})
     splits = load_folder(tmp_path, val_split=0.9)
     assert splits.num_classes == 1 and len(splits.train) == 1 and len(splits.val) == 1
@@ -142,7 +142,7 @@ def test_case14_single_class_and_split_invariants(tmp_path):
 
 
 @pytest.mark.parametrize("collate", [None, collate_skipping])
-def test_case14_fewer_images_than_one_batch(tmp_path, collate):
+def test_fewer_images_than_one_batch_give_one_batch(tmp_path, collate):
     folder(tmp_path, {"a": 2, "b": 1})
     _, samples = scan_classes(tmp_path)
     dataset = ImageDataset(samples, eval_transform(8), skip_unreadable=collate is not None)

@@ -1,4 +1,4 @@
-"""Case 15: `cnntrain predict` over a folder with a few bad files: an error row for each, every good
+"""`cnntrain predict` over a folder with a few bad files: an error row for each, every good
 file predicted, exit code 1. No training: the checkpoint is written straight from a fresh model."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def photo_folder(root: Path) -> tuple[list[Path], list[Path]]:
 
 
 @pytest.mark.timeout(120)
-def test_case15_predict_gives_error_rows_and_predicts_the_rest(tmp_path, runner, weights):
+def test_predict_gives_error_rows_and_predicts_the_rest(tmp_path, runner, weights):
     good, bad = photo_folder(tmp_path / "photos")
     result = runner.invoke(app, ["predict", str(tmp_path / "photos"), "--weights", str(weights),
                                  "--format", "json", "--device", "cpu", "--batch-size", "4"])

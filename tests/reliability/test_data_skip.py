@@ -1,4 +1,4 @@
-"""Case 10: a file that turns unreadable after the scan is skipped, reported, and never hangs an epoch."""
+"""A file that turns unreadable after the scan is skipped, reported, and never hangs an epoch."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def break_files(samples: list[tuple[str, int]]) -> set[str]:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("workers", [0, 2])
-def test_case10_unreadable_files_are_skipped_through_a_real_loader(tmp_path, workers):
+def test_unreadable_files_are_skipped_through_a_real_loader(tmp_path, workers):
     samples = make_samples(tmp_path / "imgs")
     dataset = SeededDataset(ImageDataset(samples, eval_transform(16), skip_unreadable=True))
     sampler = EpochSampler(samples, shuffle=False, seed=0)
@@ -61,7 +61,7 @@ def test_case10_unreadable_files_are_skipped_through_a_real_loader(tmp_path, wor
     assert empty_batches == 1  # samples 8 and 9 share the last batch
 
 
-def test_case10_failure_is_logged_on_one_line(tmp_path, caplog):
+def test_decode_failure_is_logged_on_one_line(tmp_path, caplog):
     odd = tmp_path / "two\nlines.jpg"
     Image.new("RGB", (8, 8)).save(odd, format="JPEG")
     dataset = ImageDataset([(str(odd), 5)], skip_unreadable=True)
@@ -74,7 +74,7 @@ def test_case10_failure_is_logged_on_one_line(tmp_path, caplog):
     assert "\n" not in message and "lines.jpg" in message and "empty file" in message
 
 
-def test_case10_marker_passes_seeded_dataset_and_pickles(tmp_path):
+def test_unreadable_marker_passes_seeded_dataset_and_pickles(tmp_path):
     samples = make_samples(tmp_path, n=1)
     Path(samples[0][0]).unlink()
     item = SeededDataset(ImageDataset(samples, skip_unreadable=True))[(123, 0)]
@@ -82,14 +82,14 @@ def test_case10_marker_passes_seeded_dataset_and_pickles(tmp_path):
     assert pickle.loads(pickle.dumps(item)) == item  # crosses worker processes
 
 
-def test_case10_default_still_raises(tmp_path):
+def test_unreadable_file_raises_unless_skipping_is_on(tmp_path):
     samples = make_samples(tmp_path, n=1)
     Path(samples[0][0]).unlink()
     with pytest.raises(DataError, match="file not found"):
         ImageDataset(samples)[0]
 
 
-def test_case10_collate_skipping_without_failures_matches_default(tmp_path):
+def test_collate_skipping_without_failures_matches_default(tmp_path):
     samples = make_samples(tmp_path, n=3)
     dataset = ImageDataset(samples, eval_transform(8), skip_unreadable=True)
     images, targets, skipped = collate_skipping([dataset[i] for i in range(3)])

@@ -1,6 +1,6 @@
-"""Reliability of runs and checkpoints (issue cases 1-8, 16-19): nothing already written is lost.
+"""Reliability of runs and checkpoints: nothing already written is lost, and failures say what to do.
 
-Each test names its case number. Subprocess tests start real `python -m cnntrain` processes so
+Each test is named after the behaviour it pins. Subprocess tests start real `python -m cnntrain` processes so
 that signals and SIGKILL hit a real run, not a simulation.
 """
 
@@ -58,10 +58,10 @@ def assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
 
 
-# --- 1. atomic writes ---------------------------------------------------------------------
+# --- atomic writes ------------------------------------------------------------------------
 
 
-def test_case01_crash_mid_write_keeps_previous_file(tmp_path, monkeypatch):
+def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     target = tmp_path / "last.pt"
     checkpoint.save(target, {"model": {"w": torch.ones(3)}})
     before = target.read_bytes()
@@ -78,7 +78,8 @@ def test_case01_crash_mid_write_keeps_previous_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(120)
-def test_case01_sigkill_while_saving_leaves_loadable_file(tmp_path):
+@pytest.mark.integration
+def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path):
     """A writer saving checkpoints in a loop is SIGKILLed at several moments: last.pt always loads."""
     script = (
         "import sys, torch\nfrom cnntrain import checkpoint\n"
@@ -103,7 +104,8 @@ def test_case01_sigkill_while_saving_leaves_loadable_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-def test_case01_stale_temp_files_cleaned_on_resume(runner, image_folder, tmp_path):
+@pytest.mark.integration
+def test_resume_cleans_up_stale_temp_files(runner, image_folder, tmp_path):
     assert run_cli(runner, "train", "--data-path", str(image_folder), *TINY, "--epochs", "1",
                    "--project", str(tmp_path)).exit_code == 0
     run = tmp_path / "exp"
@@ -114,10 +116,11 @@ def test_case01_stale_temp_files_cleaned_on_resume(runner, image_folder, tmp_pat
     assert not Path(stale).exists()
 
 
-# --- 2. disk full -------------------------------------------------------------------------
+# --- disk full ----------------------------------------------------------------------------
 
 
-def test_case02_disk_full_while_saving(runner, image_folder, tmp_path, monkeypatch):
+@pytest.mark.integration
+def test_disk_full_keeps_the_last_checkpoint_and_fails_in_one_line(runner, image_folder, tmp_path, monkeypatch):
     real_save = torch.save
     state = {"calls": 0, "before": None}
 
@@ -136,12 +139,13 @@ def test_case02_disk_full_while_saving(runner, image_folder, tmp_path, monkeypat
     assert safe_load(tmp_path / "exp" / "last.pt")["epoch"] == 1
 
 
-# --- 3. SIGINT / SIGTERM ------------------------------------------------------------------
+# --- SIGINT / SIGTERM ---------------------------------------------------------------------
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_case03_signal_saves_and_exits(image_folder, tmp_path, sig, code):
+@pytest.mark.integration
+def test_sigint_and_sigterm_save_a_resumable_checkpoint_and_exit_128_plus_signal(image_folder, tmp_path, sig, code):
     proc = start_process("train", "--data-path", str(image_folder), *TINY, "--epochs", "200",
                          "--project", str(tmp_path), cwd=tmp_path)
     run = tmp_path / "exp"
@@ -154,11 +158,12 @@ def test_case03_signal_saves_and_exits(image_folder, tmp_path, sig, code):
     assert "optimizer" in last and last["epoch"] >= 1
 
 
-# --- 4. kill -9, then resume --------------------------------------------------------------
+# --- kill -9, then resume -----------------------------------------------------------------
 
 
 @pytest.mark.timeout(300)
-def test_case04_kill9_then_resume_equals_uninterrupted(runner, image_folder, tmp_path):
+@pytest.mark.integration
+def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(runner, image_folder, tmp_path):
     common = ["--data-path", str(image_folder), *TINY, "--deterministic", "--epochs", "5", "--aug", "trivialaugment"]
     assert run_cli(runner, "train", *common, "--project", str(tmp_path / "ref")).exit_code == 0
     proc = start_process("train", *common, "--project", str(tmp_path / "killed"), cwd=tmp_path)
@@ -172,25 +177,53 @@ def test_case04_kill9_then_resume_equals_uninterrupted(runner, image_folder, tmp
     assert_same_weights(tmp_path / "ref" / "exp" / "last.pt", run / "last.pt")
 
 
+# `python -c` this, then `STEP cnntrain-args...`: a real `cnntrain` process that sends itself SIGINT from
+# inside its STEP-th optimiser step (counted over the whole run), so the signal lands mid-epoch every time,
+# however fast or slow the machine is. The real handler and the real save path do the rest.
+SIGINT_AT_STEP = (
+    "import os, signal, sys\n"
+    "from torch.optim.optimizer import register_optimizer_step_post_hook\n"
+    "from cnntrain.cli import main\n"
+    "at, steps = int(sys.argv[1]), 0\n"
+    "def hook(optimizer, args, kwargs):\n"
+    "    global steps\n"
+    "    steps += 1\n"
+    "    if steps == at:\n"
+    "        os.kill(os.getpid(), signal.SIGINT)\n"
+    "register_optimizer_step_post_hook(hook)\n"
+    "sys.argv = ['cnntrain', *sys.argv[2:]]\n"
+    "main()\n"
+)
+
+
 @pytest.mark.timeout(300)
-def test_case03_04_sigint_mid_epoch_resumes_exactly(runner, image_folder, tmp_path):
-    """SIGINT saves mid-epoch state; the resumed run ends where an uninterrupted one does."""
+@pytest.mark.integration
+def test_sigint_mid_epoch_saves_the_partial_epoch_and_resume_matches(runner, image_folder, tmp_path):
+    """SIGINT in the middle of epoch 2 saves that epoch's progress (exit 130); the resumed run ends
+    with the weights and metrics of an uninterrupted one."""
     common = ["--data-path", str(image_folder), *TINY, "--batch-size", "2", "--deterministic", "--epochs", "3"]
     assert run_cli(runner, "train", *common, "--project", str(tmp_path / "ref")).exit_code == 0
-    proc = start_process("train", *common, "--project", str(tmp_path / "int"), cwd=tmp_path)
+    # 27 training images in batches of 2, the last batch of one dropped (BatchNorm needs two): 13 steps an
+    # epoch, so step 18 is epoch 2, step 5
+    proc = subprocess.run([sys.executable, "-c", SIGINT_AT_STEP, "18", "train", *common,
+                           "--project", str(tmp_path / "int")], cwd=tmp_path, text=True, timeout=240,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
     run = tmp_path / "int" / "exp"
-    wait_for(lambda: epochs_logged(run) >= 1, proc)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode in (130, 0), out
-    if proc.returncode == 130:
-        result = run_cli(runner, "train", "--resume", str(run))
-        assert result.exit_code == 0, result.output
+    assert proc.returncode == 130, proc.stdout
+    assert "stopped during epoch 2 after step 5" in proc.stdout and f"cnntrain train --resume {run}" in proc.stdout
+    saved = safe_load(run / "last.pt")
+    assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] == 5  # one epoch done, 5 steps into the next
+    assert epochs_logged(run) == 1
+    result = run_cli(runner, "train", "--resume", str(run))
+    assert result.exit_code == 0, result.output
+    assert "epoch 2, step 5" in result.output  # it said where it continues from
     assert_same_weights(tmp_path / "ref" / "exp" / "last.pt", run / "last.pt")
+    strip = lambda path: [",".join(r.split(",")[:7]) for r in path.read_text().splitlines()]  # noqa: E731 - no timings
+    assert strip(run / "metrics.csv") == strip(tmp_path / "ref" / "exp" / "metrics.csv")
 
 
-# --- 5, 6. damaged and hostile checkpoints -------------------------------------------------
+# --- damaged and hostile checkpoints -------------------------------------------------------
 
 
 class Payload:
@@ -223,7 +256,8 @@ def good_ckpt(tmp_path_factory, image_folder):
 
 @pytest.mark.parametrize("kind", ["zero", "truncated", "evil"])
 @pytest.mark.parametrize("command", ["resume", "weights", "predict", "eval"])
-def test_case05_06_damaged_or_hostile_checkpoint(runner, image_folder, tmp_path, good_ckpt, kind, command):
+@pytest.mark.integration
+def test_damaged_or_hostile_checkpoint_is_refused_in_one_line(runner, image_folder, tmp_path, good_ckpt, kind, command):
     bad = _bad_files(tmp_path, good_ckpt)[kind]
     one = str(next(image_folder.rglob("*.png")))
     argv = {
@@ -241,17 +275,19 @@ def test_case05_06_damaged_or_hostile_checkpoint(runner, image_folder, tmp_path,
     assert not (tmp_path / "PWNED").exists()  # the payload never ran
 
 
-# --- 7. another architecture or class count -----------------------------------------------
+# --- another architecture or class count --------------------------------------------------
 
 
-def test_case07_weights_of_another_architecture(runner, image_folder, tmp_path, good_ckpt):
+@pytest.mark.integration
+def test_weights_of_another_architecture_are_refused_naming_missing_keys(runner, image_folder, tmp_path, good_ckpt):
     result = run_cli(runner, "train", "--data-path", str(image_folder), *TINY[2:], "--arch", "resnet34",
                      "--no-pretrained", "--epochs", "1", "--weights", str(good_ckpt), "--project", str(tmp_path))
     assert result.exit_code == 1
     assert "missing: layer1.2" in result.stderr and "does not fit" in result.stderr
 
 
-def test_case07_other_class_count_only_head_tolerated(runner, tmp_path, good_ckpt):
+@pytest.mark.integration
+def test_weights_with_another_class_count_load_all_but_the_head(runner, tmp_path, good_ckpt):
     from conftest import make_image_folder
 
     data = make_image_folder(tmp_path / "five", per_class=4, classes=("a", "b", "c", "d", "e"))
@@ -261,11 +297,11 @@ def test_case07_other_class_count_only_head_tolerated(runner, tmp_path, good_ckp
     assert "head fc.weight, fc.bias has another class count" in result.output
 
 
-# --- 8. unusable output folder ------------------------------------------------------------
+# --- unusable output folder ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("where", ["missing_parent", "file", "read_only"])
-def test_case08_bad_output_folder_fails_before_training(runner, tmp_path, where):
+def test_unusable_output_folder_fails_before_the_data_is_read(runner, tmp_path, where):
     if where == "missing_parent":
         project = tmp_path / "no" / "such" / "runs"
     elif where == "file":
@@ -279,15 +315,14 @@ def test_case08_bad_output_folder_fails_before_training(runner, tmp_path, where)
     assert "--project" in result.stderr and "nodata" not in result.stderr
 
 
-# --- 16-19. training health ----------------------------------------------------------------
+# --- training health ----------------------------------------------------------------------
 
 
-def test_case16_nan_loss_stops_without_overwriting_checkpoints(runner, image_folder, tmp_path, monkeypatch):
-    import cnntrain.trainer as trainer
+@pytest.mark.integration
+def test_nan_loss_stops_training_without_overwriting_checkpoints(runner, image_folder, tmp_path, monkeypatch):
+    from cnntrain.train import loop, loss
 
     class NaNAfterFirstEpoch(torch.nn.CrossEntropyLoss):
-        calls = 0
-
         def forward(self, logits, target):
             loss = super().forward(logits, target)
             if self.training and trainer_epoch["n"] >= 2:
@@ -295,14 +330,14 @@ def test_case16_nan_loss_stops_without_overwriting_checkpoints(runner, image_fol
             return loss
 
     trainer_epoch = {"n": 0}
-    real_train = trainer.train_one_epoch
+    real_train = loop.train_one_epoch
 
     def counting_train(*a, **k):
         trainer_epoch["n"] += 1
         return real_train(*a, **k)
 
-    monkeypatch.setattr(trainer.nn, "CrossEntropyLoss", NaNAfterFirstEpoch)
-    monkeypatch.setattr(trainer, "train_one_epoch", counting_train)
+    monkeypatch.setattr(loss, "build_loss", lambda label_smoothing: NaNAfterFirstEpoch())
+    monkeypatch.setattr(loop, "train_one_epoch", counting_train)
     result = run_cli(runner, "train", "--data-path", str(image_folder), *TINY, "--epochs", "3",
                      "--project", str(tmp_path))
     assert result.exit_code == 1
@@ -314,7 +349,8 @@ def test_case16_nan_loss_stops_without_overwriting_checkpoints(runner, image_fol
 
 
 @pytest.mark.timeout(120)
-def test_case17_dead_worker_surfaces_quickly(runner, image_folder, tmp_path, monkeypatch):
+@pytest.mark.integration
+def test_dead_loader_worker_fails_fast_and_suggests_workers_0(runner, image_folder, tmp_path, monkeypatch):
     from cnntrain.data import ImageDataset
 
     real = ImageDataset.__getitem__
@@ -333,13 +369,13 @@ def test_case17_dead_worker_surfaces_quickly(runner, image_folder, tmp_path, mon
     assert time.monotonic() - started < 90
 
 
-def test_case18_out_of_memory_suggests_smaller_batch(runner, image_folder, tmp_path, monkeypatch):
-    import cnntrain.trainer as trainer
+def test_out_of_memory_suggests_a_smaller_batch(runner, image_folder, tmp_path, monkeypatch):
+    from cnntrain.train import loop
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer, "train_one_epoch", oom)
+    monkeypatch.setattr(loop, "train_one_epoch", oom)
     result = run_cli(runner, "train", "--data-path", str(image_folder), *TINY, "--epochs", "1",
                      "--project", str(tmp_path))
     assert result.exit_code == 1
@@ -347,18 +383,20 @@ def test_case18_out_of_memory_suggests_smaller_batch(runner, image_folder, tmp_p
     assert "Traceback" not in result.output
 
 
-def test_case19_same_seed_same_weights(runner, image_folder, tmp_path):
+@pytest.mark.integration
+def test_same_seed_gives_the_same_weights(runner, image_folder, tmp_path):
     for name in ("a", "b"):
         assert run_cli(runner, "train", "--data-path", str(image_folder), *TINY, "--epochs", "2", "--deterministic",
                        "--seed", "7", "--aug", "randaugment", "--project", str(tmp_path / name)).exit_code == 0
     assert_same_weights(tmp_path / "a" / "exp" / "last.pt", tmp_path / "b" / "exp" / "last.pt")
 
 
-# --- 14. tiny datasets (trainer side) ------------------------------------------------------
+# --- tiny datasets (trainer side) ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("per_class", [1, 2])
-def test_case14_tiny_dataset_trains(runner, tmp_path, per_class):
+@pytest.mark.integration
+def test_tiny_dataset_trains_with_or_without_a_validation_split(runner, tmp_path, per_class):
     """One image per class (no validation possible) or two (one held out), batch larger than the data."""
     from conftest import make_image_folder
 
@@ -371,7 +409,7 @@ def test_case14_tiny_dataset_trains(runner, tmp_path, per_class):
     assert summary["monitor"] == ("train_acc" if per_class == 1 else "val_acc")
 
 
-def test_case14_single_training_image_is_a_clear_error(runner, tmp_path):
+def test_single_training_image_is_a_clear_error(runner, tmp_path):
     from conftest import make_image_folder
 
     data = make_image_folder(tmp_path / "one", per_class=1, classes=("red",))
@@ -379,7 +417,7 @@ def test_case14_single_training_image_is_a_clear_error(runner, tmp_path):
     assert result.exit_code == 1 and "at least 2" in result.stderr
 
 
-# --- 9, 10. bad images at the trainer level ------------------------------------------------
+# --- bad images at the trainer level ------------------------------------------------------
 
 
 def _with_bad_files(root: Path) -> list[Path]:
@@ -394,7 +432,8 @@ def _with_bad_files(root: Path) -> list[Path]:
     return bad
 
 
-def test_case09_training_skips_bad_files_with_one_warning(runner, tmp_path):
+@pytest.mark.integration
+def test_training_skips_unreadable_files_with_one_warning(runner, tmp_path):
     bad = _with_bad_files(tmp_path / "data")
     result = run_cli(runner, "train", "--data-path", str(tmp_path / "data"), *TINY, "--epochs", "1",
                      "--project", str(tmp_path / "runs"))
@@ -405,7 +444,7 @@ def test_case09_training_skips_bad_files_with_one_warning(runner, tmp_path):
     assert summary["train_images"] + summary["val_images"] == 24
 
 
-def test_case09_strict_refuses_before_training(runner, tmp_path):
+def test_strict_refuses_unreadable_files_before_training(runner, tmp_path):
     _with_bad_files(tmp_path / "data")
     result = run_cli(runner, "train", "--data-path", str(tmp_path / "data"), *TINY, "--epochs", "1", "--strict",
                      "--project", str(tmp_path / "runs"))
@@ -413,13 +452,14 @@ def test_case09_strict_refuses_before_training(runner, tmp_path):
     assert not (tmp_path / "runs" / "exp" / "last.pt").exists()
 
 
-def test_case10_file_broken_after_scan_is_skipped_and_counted(runner, tmp_path, monkeypatch):
-    import cnntrain.trainer as trainer
+@pytest.mark.integration
+def test_file_broken_after_the_scan_is_skipped_and_counted(runner, tmp_path, monkeypatch):
     from cnntrain.data.scan import ScanResult
+    from cnntrain.train import splits
 
     bad = _with_bad_files(tmp_path / "data")
     # the scan saw a healthy folder; the files broke afterwards
-    monkeypatch.setattr(trainer, "scan_samples", lambda samples, **k: ScanResult(good=list(samples), bad=[]))
+    monkeypatch.setattr(splits, "scan_samples", lambda samples, **k: ScanResult(good=list(samples), bad=[]))
     result = run_cli(runner, "train", "--data-path", str(tmp_path / "data"), *TINY, "--val-split", "0",
                      "--epochs", "1", "--workers", "2", "--project", str(tmp_path / "runs"))
     assert result.exit_code == 0, result.output
@@ -427,7 +467,7 @@ def test_case10_file_broken_after_scan_is_skipped_and_counted(runner, tmp_path, 
     assert all(str(p) in result.output for p in bad)
 
 
-def test_case03_resume_point_after_the_last_batch_is_safe():
+def test_resume_point_after_the_last_batch_yields_no_samples():
     """A stop after an epoch's final (partial) batch resumes with nothing left, not a crash."""
     from cnntrain.data.sampler import EpochSampler
 
