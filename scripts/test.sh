@@ -10,4 +10,6 @@ echo "ruff: lint and import order (cnntrain, tests)"
 echo "mypy: type check (cnntrain)"
 .venv/bin/python -m mypy cnntrain
 export MPLBACKEND=Agg
-exec .venv/bin/python -m pytest "$@"
+# Two test processes (a file stays on one, so its fixtures are built once): 715 s -> 447 s for the
+# whole suite on 2 cores. CNNTRAIN_TEST_WORKERS=0 runs everything in this process.
+exec .venv/bin/python -m pytest -n "${CNNTRAIN_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -8,6 +8,7 @@ into a temporary folder for every test.
 from __future__ import annotations
 
 import http.server
+import os
 import random
 import socket
 import threading
@@ -17,6 +18,14 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test processes on two cores: one thread each (subprocesses inherit it), or torch's
+    # thread pools stall each other badly.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 # Class -> base colour: learnable from colour alone, so a 2-epoch run on a tiny model must
 # beat chance by far unless the pipeline is broken (labels shuffled, normalisation wrong...).
