@@ -137,9 +137,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def build_config(file_values: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None,
                  source: str = "config") -> TrainConfig:
-    """Defaults < file values < overrides (only options given on the command line)."""
+    """Defaults < file values < overrides (only options given on the command line).
+
+    ``data_path`` and ``dataset`` are one choice, the data: either one given on the command line
+    replaces both of the file's (a recipe naming ``dataset: flowers`` runs on ``--data-path DIR``).
+    Both in one layer is still an error."""
+    file_values, overrides = dict(file_values or {}), dict(overrides or {})
+    if any(overrides.get(key) is not None for key in _DATA_KEYS):
+        for key in _DATA_KEYS:
+            file_values.pop(key, None)
     values: dict[str, Any] = {}
-    for layer, where in ((file_values or {}, source), (overrides or {}, "command line")):
+    for layer, where in ((file_values, source), (overrides, "command line")):
         unknown = sorted(set(layer) - FIELDS)
         if unknown:
             raise UsageError(f"unknown option {unknown[0]!r} in {where}; valid keys are listed by "
@@ -151,6 +159,7 @@ def build_config(file_values: Mapping[str, Any] | None = None, overrides: Mappin
     return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
 
 
+_DATA_KEYS = ("data_path", "dataset")  # where the images come from: one choice, whichever layer makes it
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
@@ -208,7 +217,14 @@ def _split_list(value: str | int, kind: type) -> list[Any]:
         raise UsageError(f"cannot read {value!r} as a comma-separated list") from None
 
 
+# Not part of what a run is: --resume says where to continue, --quiet how much to print. config.yaml
+# leaves them out so that ``--config runs/exp/config.yaml`` reruns the run from scratch.
+NOT_SAVED = ("resume", "quiet")
+
+
 def save_yaml(config: TrainConfig) -> str:
+    """config.yaml of a run: every option but ``NOT_SAVED`` (the checkpoint's own config has all)."""
     import yaml
 
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    values = {k: v for k, v in config.to_dict().items() if k not in NOT_SAVED}
+    return yaml.safe_dump(values, sort_keys=False)

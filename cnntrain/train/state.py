@@ -35,7 +35,7 @@ class TrainResult:
 @dataclass
 class TrainingState:
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler | None
     monitor: str  # the history column that decides the best epoch: val_acc, or train_acc without val
     patience: int | None = None
@@ -77,8 +77,21 @@ class TrainingState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._follow_schedule()
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         self.history = list(state["history"])
         set_rng_state(state["rng"])
+
+    def _follow_schedule(self) -> None:
+        """The learning rate this state's schedule gives the epoch it stands at.
+
+        The loaded optimiser holds the rate the saved schedule set at its last step; the schedule
+        built now (another ``--epochs``, say) decides it from here. With an unchanged schedule
+        this is the same number, computed the same way as ``LambdaLR`` does."""
+        sched = self.scheduler
+        lrs = [base * factor(sched.last_epoch) for base, factor in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        sched._last_lr = list(lrs)
