@@ -1,7 +1,10 @@
 """``cnntrain eval``: score a checkpoint on a labelled dataset.
 
-The checkpoint's class list is the contract: a dataset whose classes differ is an error
-naming them, never a silent re-mapping of label indices.
+The checkpoint's class list is the contract. A test set may hold only some of its classes:
+labels are mapped to the checkpoint's indices by class name (a folder's own indices shift
+when classes are missing), per-class rows and macro-F1 cover the classes with images, and
+the confusion matrix keeps every class of the checkpoint. A class the checkpoint does not
+know is an error naming it.
 """
 
 from __future__ import annotations
@@ -43,15 +46,10 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
     else:
         assert dataset is not None
         splits = load_builtin(dataset, val_split=val_split, seed=seed)
-    if splits.classes != ckpt["classes"]:
-        only_data = sorted(set(splits.classes) - set(ckpt["classes"]))
-        only_ckpt = sorted(set(ckpt["classes"]) - set(splits.classes))
-        detail = "; ".join(filter(None, [
-            f"only in the data: {', '.join(only_data)}" if only_data else "",
-            f"only in the checkpoint: {', '.join(only_ckpt)}" if only_ckpt else "",
-        ])) or "same names in another order"
-        raise DataError(f"the dataset's classes differ from the checkpoint's ({detail})")
+    classes: list[str] = list(ckpt["classes"])
+    to_ckpt = _label_map(splits.classes, classes)
     samples = {"val": splits.val, "train": splits.train, "all": splits.train + splits.val}[split]
+    samples = [(path, to_ckpt[label]) for path, label in samples]
     scan = scan_samples(samples)
     samples = scan.good
     if not samples:
@@ -61,8 +59,10 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
     model, batcher = on_device(ckpt, dev)
     loader = make_loader(ImageDataset(samples, eval_transform(ckpt["img_size"])), batch_size=batch_size,
                          shuffle=False, workers=default_workers() if workers is None else workers, device=dev)
-    result = evaluate(model, loader, nn.CrossEntropyLoss(), batcher, len(ckpt["classes"]))
+    result = evaluate(model, loader, nn.CrossEntropyLoss(), batcher, len(classes))
     matrix = result.confusion
+    rows = classification_report(matrix, classes)
+    scored = [row for row in rows if row["support"]]
     report = {
         "weights": str(weights),
         "arch": ckpt["arch"],
@@ -73,16 +73,32 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
         "loss": result.loss,
         "top1": result.acc,
         "top5": result.top5,
-        "macro_f1": matrix.macro_f1(),
-        "per_class": classification_report(matrix, ckpt["classes"]),
-        "classes": ckpt["classes"],
+        "macro_f1": sum(float(row["f1"]) for row in scored) / len(scored),
+        "per_class": scored,  # the classes with images in this split
+        "absent_classes": [str(row["class"]) for row in rows if not row["support"]],
+        "classes": classes,  # the confusion matrix's rows and columns: all the checkpoint's classes
         "confusion_matrix": matrix.matrix.tolist(),
     }
     if plot is not None:
         from cnntrain.plots import plot_confusion_matrix
 
-        report["plot"] = str(plot_confusion_matrix(matrix.matrix, ckpt["classes"], Path(plot)))
+        report["plot"] = str(plot_confusion_matrix(matrix.matrix, classes, Path(plot)))
     return report
+
+
+def _label_map(data_classes: list[str], ckpt_classes: list[str]) -> list[int]:
+    """The checkpoint's index of each of the dataset's labels, by class name; a name the
+    checkpoint does not know is an error (missing ones are fine: a test set may hold a few)."""
+    index = {name: i for i, name in enumerate(ckpt_classes)}
+    unknown = [name for name in data_classes if name not in index]
+    if unknown:
+        raise DataError(f"the dataset has {'classes' if len(unknown) > 1 else 'a class'} the checkpoint does not know: "
+                        f"{_names(unknown)} (it was trained on {_names(ckpt_classes)})")
+    return [index[name] for name in data_classes]
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def format_report(report: dict[str, Any], console: Console) -> None:
@@ -99,6 +115,10 @@ def format_report(report: dict[str, Any], console: Console) -> None:
         table.add_row(str(row["class"]), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
                       str(row["support"]))
     console.print(table)
+    if report["absent_classes"]:
+        absent = report["absent_classes"]
+        console.print(f"no images of {_names(absent)} in this split: {len(absent)} of the checkpoint's "
+                      f"{len(report['classes'])} classes not scored (predicting one is still a mistake)")
     classes = report["classes"]
     if len(classes) <= 20:
         cm = Table(title="confusion matrix (rows: true, columns: predicted)")

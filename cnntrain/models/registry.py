@@ -142,15 +142,40 @@ _register_torchvision()
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The registry entry for ``name``; unknown names raise UsageError with close matches."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=3, cutoff=0.0)
-        raise UsageError(
-            f"unknown architecture {name!r}; did you mean: {', '.join(close)}? "
-            "(`cnntrain models` lists them all)"
-        ) from None
+    """The registry entry for ``name``, in any case (``ResNet18`` is resnet18); unknown names
+    raise UsageError with close matches."""
+    spec = _REGISTRY.get(name) or _REGISTRY.get(name.lower())
+    if spec is not None:
+        return spec
+    close = suggest(name)
+    hint = f"; did you mean: {', '.join(close)}?" if close else ""
+    raise UsageError(f"unknown architecture {name!r}{hint} (`cnntrain models` lists them all)")
+
+
+def _squash(name: str) -> str:
+    """A name without case or separators: ``ShuffleNet-V2`` and ``shufflenet_v2`` both read ``shufflenetv2``."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def suggest(name: str, n: int = 4) -> list[str]:
+    """Registered names a user who typed ``name`` probably meant, best first.
+
+    The same name but for separators comes first (``seresnet50``: se_resnet50), then the
+    names it begins (``shufflenetv2``: the four shufflenet_v2 widths, shortest first), then
+    difflib's close matches. Separators are never ignored for an exact match: regnet_x_1_6gf
+    and regnet_x_16gf differ only by one.
+    """
+    squashed = _squash(name)
+    if not squashed:
+        return []
+    names_of: dict[str, list[str]] = {}
+    for registered in sorted(_REGISTRY):
+        names_of.setdefault(_squash(registered), []).append(registered)
+    same = names_of.get(squashed, [])
+    begun = sorted((r for s, names in names_of.items() if s.startswith(squashed) and s != squashed for r in names),
+                   key=lambda r: (len(r), r))
+    fuzzy = [r for s in difflib.get_close_matches(squashed, list(names_of), n=n, cutoff=0.6) for r in names_of[s]]
+    return list(dict.fromkeys([*same, *begun, *fuzzy]))[:n]
 
 
 def list_models(pattern: str | None = None) -> list[str]:

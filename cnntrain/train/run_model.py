@@ -32,16 +32,21 @@ class RunModel:
 
 
 def build_run_model(arch: str, num_classes: int, *, pretrained: bool | None, weights: str | None,
-                    resumed: dict[str, Any] | None, ctx: DistContext = DistContext(),
-                    log: Log = lambda s: None) -> RunModel:
+                    resumed: dict[str, Any] | None, freeze_layers: bool = False, ctx: DistContext = DistContext(),
+                    log: Log = lambda s: None, warn: Log = lambda s: None) -> RunModel:
     """``arch`` with ``num_classes`` outputs and its starting weights (see the module docstring).
 
-    ``pretrained=None`` means ImageNet weights where they exist, unless other weights are given."""
+    ``pretrained=None`` means ImageNet weights where they exist, unless other weights are given.
+    ``warn`` (shown even with --quiet) hears of a ``freeze_layers`` run whose backbone starts random."""
     spec = get_spec(arch)
     if pretrained is None:
         pretrained = spec.weights is not None and weights is None and resumed is None
         if spec.weights is None and weights is None:
             log(f"{arch} has no ImageNet weights: training from scratch")
+    if freeze_layers and not pretrained and not weights and resumed is None:
+        how = "--pretrained or --weights FILE" if spec.weights is not None else "--weights FILE"
+        warn(f"warning: --freeze-layers without pretrained weights: a frozen, randomly initialised backbone cannot "
+             f"learn useful features; start from trained weights ({how}) or drop --freeze-layers")
     with ctx.main_first():  # rank 0 downloads; the others then read its cache
         model, load_report = build_model(arch, num_classes, pretrained=pretrained)
     if load_report is not None:
