@@ -97,7 +97,9 @@ def make_checkpoint(model: nn.Module, *, arch: str, classes: list[str], img_size
 def load(path: str | Path) -> dict[str, Any]:
     """Load a cnntrain checkpoint, or wrap a plain state dict as ``{"model": state}``."""
     path = Path(path)
-    data = safe_load(path)
+    # The user's own file: say what was expected, never to delete it (as for a damaged download).
+    data = safe_load(path, what="a PyTorch checkpoint",
+                     advice="expected a .pt/.pth file saved by torch.save, e.g. a run's best.pt")
     if isinstance(data, dict) and data.get("format") == FORMAT:
         data["model"] = clean_state_dict(data["model"])
         return data
@@ -199,8 +201,13 @@ def new_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path:
 
 
 def point_latest(run: Path) -> None:
-    """Make ``project/latest`` point at ``run`` (a relative symlink, swapped atomically)."""
+    """Make ``project/latest`` point at ``run`` (a relative symlink, swapped atomically).
+
+    Training calls this when it claims (or resumes) a run folder, so ``latest`` is the run last
+    started, finished or not: the one ``--resume auto``, predict, eval and export mean by default."""
     link = run.parent / "latest"
+    if run.name == "latest" or (link.is_symlink() and link.resolve() == run.resolve()):
+        return  # already there (``--resume runs/latest`` must not make latest point at itself)
     tmp = run.parent / f".latest.tmp-{os.getpid()}"
     try:
         if tmp.is_symlink() or tmp.exists():
@@ -213,10 +220,13 @@ def point_latest(run: Path) -> None:
 
 
 def latest_run(project: str | Path = "runs") -> Path | None:
+    """The run ``project/latest`` names, as ``project/NAME`` (so messages show the path a user knows)."""
     link = Path(project) / "latest"
-    if link.is_symlink() or link.is_dir():
-        target = link.resolve()
+    if link.is_symlink():
+        target = link.parent / os.readlink(link)  # relative as point_latest writes it; an absolute one stays
         return target if target.is_dir() else None
+    if link.is_dir():
+        return link
     if link.is_file():
         target = link.parent / link.read_text(encoding="utf-8").strip()
         return target if target.is_dir() else None
@@ -243,9 +253,16 @@ def resolve_weights(weights: str | Path | None, project: str | Path = "runs") ->
             raise UsageError(f"--weights {path} does not exist")
         return (path / "best.pt" if path.is_dir() else path), False
     run = latest_run(project)
-    if run is None or not (run / "best.pt").is_file():
+    if run is None:
         raise UsageError(f"no --weights given and no trained run in {project}/; train one with `cnntrain train` "
                          "or pass --weights CKPT")
+    if not (run / "best.pt").is_file():
+        others = sorted((p for p in Path(project).glob("*/best.pt") if p.parent.name != "latest"),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+        example = others[0] if others else Path(project) / "NAME" / "best.pt"
+        raise UsageError(f"no --weights given and the latest run, {run}, has no best.pt yet (it stopped before "
+                         f"its first epoch ended, or is still in it); resume it with `cnntrain train --resume "
+                         f"{run}`, or pass --weights, e.g. --weights {example}")
     return run / "best.pt", True
 
 

@@ -411,27 +411,35 @@ def export(
 @command("download-weights")
 def download_weights(
     archs: Annotated[list[str] | None, typer.Argument(help="Architectures whose ImageNet weights to fetch.")] = None,
-    all_: Annotated[bool, Opt("--all", help="Fetch the weights of every architecture that has them.")] = False,
+    all_: Annotated[bool, Opt("--all", help="Fetch the weights of every architecture that has them; goes on past failures and sums up.")] = False,
     list_: Annotated[bool, Opt("--list", help="Show what is cached (name, size, path) and exit.")] = False,
     mirror: Annotated[str | None, Opt(envvar="CNNTRAIN_WEIGHTS_MIRROR", help="Base URL of a mirror holding the same file names.")] = None,
     url: Annotated[str | None, Opt(help="Fetch this URL (file name must carry -<sha256 prefix>.).")] = None,
-    from_: Annotated[Path | None, Opt("--from", help="Import a local weights file into the cache.")] = None,
+    from_: Annotated[Path | None, Opt("--from", help="Import a local weights file into the cache (fetched elsewhere, or your own: then with --arch).")] = None,
+    arch: Annotated[str | None, Opt(help="With --from: the architecture FILE holds ImageNet weights for; it is checked to load into it and stored under the file name that architecture's weights are looked up by.")] = None,
     timeout: Annotated[float, Opt(help="Connect/read timeout in seconds.")] = 30.0,
 ) -> None:
     """Download pretrained weights into torchvision's cache ($TORCH_HOME/hub/checkpoints)."""
     from cnntrain import weights as weights_mod
 
+    if arch is not None and from_ is None:
+        raise UsageError("--arch goes with --from FILE; to download weights, name the architectures: `cnntrain download-weights resnet50`")
     if list_:
         _print_cached(weights_mod.list_cached())
     elif url is not None:
         out.print(f"cached {weights_mod.download(url, timeout=timeout)}")
     elif from_ is not None:
-        out.print(f"cached {weights_mod.import_file(from_)}")
+        if archs and (len(archs) > 1 or arch not in (None, archs[0])):
+            raise UsageError("--from imports one file for one architecture: name it once, e.g. --arch resnet18")
+        imported = weights_mod.import_weights(from_, arch=arch or (archs[0] if archs else None))
+        out.print(escape(imported.summary()), soft_wrap=True)
     elif not archs and not all_:
         raise UsageError("name at least one architecture (e.g. `cnntrain download-weights resnet50`), or use --all / --list")
     else:
-        weights_mod.download_for(archs or [], all_=all_, mirror=mirror, timeout=timeout,
-                                 on_cached=lambda name, path: out.print(f"{name}: {path}"))
+        weights_mod.download_for(
+            archs or [], all_=all_, mirror=mirror, timeout=timeout,
+            on_cached=lambda name, path: out.print(f"{name}: {path}" + (" (imported)" if weights_mod.imported_record(path) else "")),
+            on_failed=lambda name, exc: err.print(f"{name}: {escape(first_line(exc))}", soft_wrap=True))
 
 
 def _print_cached(rows: list[dict]) -> None:

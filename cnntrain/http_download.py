@@ -32,13 +32,24 @@ class FetchError(Exception):
         self.what = what
 
 
-def _describe_unreachable(reason: object, url: str, timeout: float) -> str:
+def describe_failure(err: BaseException, url: str, timeout: float | None = None) -> str:
+    """One phrase for an exception that urllib (or code built on it: torchvision's dataset
+    downloaders) raised fetching ``url``, instead of its ``[Errno -2] Name or service not known``."""
+    if isinstance(err, urllib.error.HTTPError):
+        host = urllib.parse.urlparse(url).netloc or url
+        return f"{host} answered HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.URLError):
+        return _describe_unreachable(err.reason, url, timeout)
+    return _describe_unreachable(err, url, timeout)
+
+
+def _describe_unreachable(reason: object, url: str, timeout: float | None) -> str:
     """One phrase for a failure to connect (``URLError.reason`` or a raw socket error)."""
     host = urllib.parse.urlparse(url).netloc or url
     if isinstance(reason, ConnectionRefusedError):
         return f"connection refused by {host} (nothing is listening there)"
     if isinstance(reason, TimeoutError):
-        return f"no answer from {host} within {timeout:g} s"
+        return f"no answer from {host}" + (f" within {timeout:g} s" if timeout is not None else "")
     if isinstance(reason, socket.gaierror):
         return f"cannot resolve {host} (offline, or no DNS)"
     if isinstance(reason, FileNotFoundError):

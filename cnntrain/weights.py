@@ -5,6 +5,11 @@ by either tool serves both. Names follow torch.hub's ``name-<sha256 prefix>.ext`
 that prefix is checked after every download, copy-in and before every load, and loading is
 always ``weights_only=True``: a weights file is data, never code.
 
+A file of one's own (``cnntrain download-weights --from FILE --arch NAME``) is checked to load
+into that architecture and stored under the name its weights are looked up by. Its hash cannot
+match that name, so the import is recorded next to it (``<name>.imported.json``, holding the
+file's full SHA-256), and the record stands in for the name's promise on every later check.
+
 A download streams into a hidden temp file next to its target and is renamed into place only
 once its length and hash are right, so a dropped connection or a killed process never leaves a
 file that a later run would trust. Every failure becomes one ``DownloadError`` line that says
@@ -15,26 +20,32 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pickle
 import re
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cnntrain.errors import CheckpointError, DownloadError, WeightsError, first_line
-from cnntrain.fileio import atomic_open, is_temp_name, sha256_file
+from cnntrain.errors import CheckpointError, DownloadError, UsageError, WeightsError, first_line
+from cnntrain.fileio import atomic_open, atomic_write_text, is_temp_name, sha256_file
 from cnntrain.http_download import FetchError, fetch
 from cnntrain.paths import weights_dir as cache_dir  # public here too: the CLI and tests ask weights
 
 __all__ = [
     "HASH_REGEX",
     "MIRROR_ENV",
+    "RECORD_SUFFIX",
+    "Imported",
     "cache_dir",
     "download",
     "download_for",
@@ -42,6 +53,8 @@ __all__ = [
     "file_name",
     "hash_prefix",
     "import_file",
+    "import_weights",
+    "imported_record",
     "list_cached",
     "load_state_dict",
     "resolve_url",
@@ -126,7 +139,9 @@ def _download(url: str, folder: Path, *, timeout: float, progress: bool) -> Path
     dest = folder / file_name(url)
     if dest.is_file() and _hash_ok(dest):
         return dest
-    return fetch(url, dest, sha256=hash_prefix(dest.name), timeout=timeout, progress=progress)
+    fetch(url, dest, sha256=hash_prefix(dest.name), timeout=timeout, progress=progress)
+    _record_path(dest).unlink(missing_ok=True)  # the release replaced a file imported with --arch
+    return dest
 
 
 def _download_hint(name: str, arch: str) -> str:
@@ -162,23 +177,48 @@ def download(
 
 # --- the cache ----------------------------------------------------------------------------
 
+#: Next to a file imported with ``--from FILE --arch NAME``: what was imported, with its SHA-256.
+RECORD_SUFFIX = ".imported.json"
+_REIMPORT = "import it again with `cnntrain download-weights --from FILE --arch {arch}`"
 
-def _hash_ok(path: Path) -> bool:
-    """True if ``path`` is non-empty and matches the hash prefix its name carries (if any)."""
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + RECORD_SUFFIX)
+
+
+def imported_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The record of a cached file imported with ``--arch`` (``sha256``, ``arch``, ``source``), or None."""
+    try:
+        record = json.loads(_record_path(Path(path)).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("sha256"), str) else None
+
+
+def _hash_ok(path: Path, *, imported: bool = False) -> bool:
+    """True if ``path`` is non-empty and matches the hash prefix its name carries (if any); with
+    ``imported``, also when its import record holds exactly its SHA-256."""
     expected = hash_prefix(path.name)
     try:
         if path.stat().st_size == 0:
             return False
-        return expected is None or sha256_file(path).startswith(expected)
+        if expected is None:
+            return True
+        actual = sha256_file(path)
     except OSError:
         return False
+    if actual.startswith(expected):
+        return True
+    record = imported_record(path) if imported else None
+    return record is not None and record["sha256"] == actual
 
 
 def verify(path: str | os.PathLike[str], *, arch: str | None = None) -> None:
     """Re-check a cached file against the SHA-256 prefix in its name; raise ``WeightsError``.
 
     Disks, interrupted copies and hand edits do corrupt files; loading one would give a
-    silently broken model or a confusing unpickling error far from the cause.
+    silently broken model or a confusing unpickling error far from the cause. A file imported
+    with ``--arch`` passes when its content is still the one its import record names.
     """
     p = Path(path)
     expected = hash_prefix(p.name)
@@ -190,11 +230,45 @@ def verify(path: str | os.PathLike[str], *, arch: str | None = None) -> None:
         raise WeightsError(f"{p} not found") from None
     except OSError as err:
         raise WeightsError(f"cannot read {p}: {err.strerror or err}") from err
-    if not actual.startswith(expected):
+    if actual.startswith(expected):
+        return
+    record = imported_record(p)
+    if record is not None:
+        if record["sha256"] == actual:
+            return
         raise WeightsError(
-            f"corrupted cache file {p}: its SHA-256 starts with {actual[: len(expected)]}, its name "
-            f"says {expected}; delete it and re-download with `cnntrain download-weights {arch or 'ARCH'}`"
+            f"{p} changed since it was imported (its SHA-256 is no longer the one in {_record_path(p).name}); "
+            + _REIMPORT.format(arch=arch or record.get("arch") or "ARCH")
         )
+    raise WeightsError(
+        f"corrupted cache file {p}: its SHA-256 starts with {actual[: len(expected)]}, its name "
+        f"says {expected}; delete it and re-download with `cnntrain download-weights {arch or 'ARCH'}`"
+    )
+
+
+def _source_file(src: str | os.PathLike[str]) -> Path:
+    source = Path(src).expanduser()
+    if not source.exists():
+        raise WeightsError(f"{source} not found")
+    if not source.is_file():
+        raise WeightsError(f"{source} is not a file")
+    return source
+
+
+def _copy_in(source: Path, dest: Path, check: Callable[[str, int], None]) -> Path:
+    """Copy ``source`` onto ``dest`` atomically; ``check(sha256, size)`` may refuse it first."""
+    try:
+        with open(source, "rb") as f_in, atomic_open(dest, "wb") as f_out:
+            digest = hashlib.sha256()
+            size = 0
+            while chunk := f_in.read(_CHUNK):
+                f_out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            check(digest.hexdigest(), size)
+    except OSError as err:
+        raise WeightsError(f"cannot copy {source} into {dest.parent}: {err.strerror or err}") from err
+    return dest
 
 
 def import_file(
@@ -208,12 +282,9 @@ def import_file(
 
     Stored as ``name`` (default: the source's own name), whose hash prefix, if any, the
     content must match; on a mismatch nothing is left behind and ``WeightsError`` is raised.
+    (``import_weights`` is the by-architecture front door, for files of any name.)
     """
-    source = Path(src).expanduser()
-    if not source.exists():
-        raise WeightsError(f"{source} not found")
-    if not source.is_file():
-        raise WeightsError(f"{source} is not a file")
+    source = _source_file(src)
     folder = Path(dest_dir) if dest_dir is not None else cache_dir()
     dest = folder / (name or source.name)
     expected = hash_prefix(dest.name)
@@ -221,29 +292,24 @@ def import_file(
         verify(dest, arch=arch)
         return dest
     refetch = f"fetch it again (e.g. `cnntrain download-weights {arch or 'ARCH'}`)"
-    try:
-        with open(source, "rb") as f_in, atomic_open(dest, "wb") as f_out:
-            digest = hashlib.sha256()
-            size = 0
-            while chunk := f_in.read(_CHUNK):
-                f_out.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-            if size == 0:
-                raise WeightsError(f"{source} is empty (0 bytes); {refetch}")
-            actual = digest.hexdigest()
-            if expected and not actual.startswith(expected):
-                raise WeightsError(
-                    f"{source} is not {dest.name}: its SHA-256 starts with {actual[: len(expected)]}, "
-                    f"the name promises {expected}; the file is damaged or a different release, {refetch}"
-                )
-    except OSError as err:
-        raise WeightsError(f"cannot copy {source} into {folder}: {err.strerror or err}") from err
+
+    def check(actual: str, size: int) -> None:
+        if size == 0:
+            raise WeightsError(f"{source} is empty (0 bytes); {refetch}")
+        if expected and not actual.startswith(expected):
+            raise WeightsError(
+                f"{source} is not {dest.name}: its SHA-256 starts with {actual[: len(expected)]}, "
+                f"the name promises {expected}; the file is damaged or a different release, {refetch}"
+            )
+
+    _copy_in(source, dest, check)
+    _record_path(dest).unlink(missing_ok=True)  # the content is what its name says: no import to record
     return dest
 
 
 def list_cached(dest_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
-    """Files in the cache: ``name``, ``size`` (bytes), ``path`` (Path), ``hash_prefix``."""
+    """Files in the cache: ``name``, ``size`` (bytes), ``path`` (Path), ``hash_prefix``, ``imported``
+    (True for a file of one's own, imported with ``--arch``). Import records are not listed."""
     folder = Path(dest_dir) if dest_dir is not None else cache_dir()
     if not folder.is_dir():
         return []
@@ -251,8 +317,11 @@ def list_cached(dest_dir: str | os.PathLike[str] | None = None) -> list[dict[str
     for path in sorted(folder.iterdir()):
         if is_temp_name(path.name) or path.name.startswith(".") or not path.is_file():
             continue
+        if path.name.endswith(RECORD_SUFFIX):
+            continue
         entries.append(
-            {"name": path.name, "size": path.stat().st_size, "path": path, "hash_prefix": hash_prefix(path.name)}
+            {"name": path.name, "size": path.stat().st_size, "path": path, "hash_prefix": hash_prefix(path.name),
+             "imported": _record_path(path).is_file()}
         )
     return entries
 
@@ -260,42 +329,125 @@ def list_cached(dest_dir: str | os.PathLike[str] | None = None) -> list[dict[str
 # --- loading ------------------------------------------------------------------------------
 
 _GLOBAL_RE = re.compile(r"GLOBAL (\S+?)(?: whose| was|\s|$)")
+#: What a file torch cannot read is, by its first bytes (checked only after torch.load failed).
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "it starts like a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "it starts like a PNG image"),
+    (b"GIF87a", "it starts like a GIF image"),
+    (b"GIF89a", "it starts like a GIF image"),
+    (b"II*\x00", "it starts like a TIFF image"),
+    (b"MM\x00*", "it starts like a TIFF image"),
+    (b"%PDF", "it starts like a PDF document"),
+    (b"\x1f\x8b", "it is gzip-compressed, an archive rather than a torch.save file"),
+    (b"\x89HDF\r\n\x1a\n", "it is an HDF5 file, as Keras saves weights"),
+    (b"\x93NUMPY", "it is a NumPy .npy array"),
+)
 
 
-def safe_load(path: str | os.PathLike[str]) -> Any:
+def _as_text(head: bytes) -> str | None:
+    """``head`` as text if it reads as UTF-8 without control characters, else None."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not just a character cut in half at the end
+            return None
+        text = head[: err.start].decode("utf-8")
+    return text if text.strip() and all(c.isprintable() or c in "\t\r\n\f" for c in text) else None
+
+
+def _zip_kind(path: Path) -> str | None:
+    """A ZIP archive torch could not load: a TorchScript export, another archive, or (None) damaged."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None  # a torch.save file cut short, most likely
+    if any(n.endswith("/constants.pkl") for n in names):
+        return "it is a TorchScript export, as `cnntrain export` writes"
+    if not any(n.endswith("/data.pkl") for n in names):
+        return "it is a ZIP archive that torch.save did not write"
+    return None
+
+
+def _looks_like(path: Path) -> str | None:
+    """What a file that torch could not load seems to be instead, in words; None if unclear."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    for magic, kind in _SIGNATURES:
+        if head.startswith(magic):
+            return kind
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "it starts like a WebP image"
+    if head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "it is a safetensors file, not a torch.save one"
+    if path.suffix.lower() == ".onnx":
+        return "it is named like an ONNX model"
+    if head.startswith(b"PK\x03\x04"):
+        return _zip_kind(path)
+    text = _as_text(head)
+    if text is None:
+        return None
+    if text.lstrip().lower().startswith(("<!doctype html", "<html")):
+        return "it is an HTML page, perhaps saved in place of the download"
+    return "it is a text file"
+
+
+def safe_load(
+    path: str | os.PathLike[str],
+    *,
+    what: str = "a PyTorch file",
+    advice: str = "expected a file saved by torch.save (.pt/.pth)",
+) -> Any:
     """``torch.load`` with ``weights_only=True`` on the CPU, failures as one-line ``CheckpointError``.
 
     There is deliberately no unsafe fallback: a pickle that wants to import a function or
-    build an arbitrary object is refused, because loading it could run any code.
+    build an arbitrary object is refused, because loading it could run any code. A file torch
+    cannot read is described: ``{path} is not {what} (it starts like a JPEG image); {advice}``.
+    ``advice`` is for the caller to give, because only it knows whose file this is: the user's
+    own (say what was expected) or one cnntrain downloaded (delete it and download it again).
     """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} not found")
     if not p.is_file():
         raise CheckpointError(f"{p} is not a file")
-    damaged = "; delete it and download or save it again"
     if p.stat().st_size == 0:
-        raise CheckpointError(f"{p} is damaged: it is empty (0 bytes){damaged}")
+        raise CheckpointError(f"{p} is empty (0 bytes), not {what}; {advice}")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on TorchScript archives: the error says it better
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         message = str(err)
         found = _GLOBAL_RE.search(message)
         if found or "Can only create new object" in message or "Can only build" in message:
-            what = f"it references {found.group(1)}" if found else "it builds arbitrary objects"
+            objects = f"it references {found.group(1)}" if found else "it builds arbitrary objects"
             raise CheckpointError(
                 f"refused to load {p}: it contains code or objects that are not plain tensors "
-                f"({what}); cnntrain only loads tensors and plain containers, so nothing in it was run"
+                f"({objects}); cnntrain only loads tensors and plain containers, so nothing in it was run"
             ) from None
         # torch wraps the unpickler's reason in advice to retry with weights_only=False: drop it.
         reason = message.rsplit("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0]
-        reason = first_line(reason.strip(), _REASON_LIMIT)
-        raise CheckpointError(f"{p} is damaged or not a PyTorch file ({reason}){damaged}") from None
+        raise _not_loadable(p, what, advice, first_line(reason.strip(), _REASON_LIMIT)) from None
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - torch reports damage as many types (EOF, OSError, KeyError ...)
-        reason = first_line(err, _REASON_LIMIT, with_type=True)
-        raise CheckpointError(f"{p} is damaged or not a PyTorch file ({reason}){damaged}") from err
+        raise _not_loadable(p, what, advice, first_line(err, _REASON_LIMIT, with_type=True)) from err
+
+
+def _not_loadable(p: Path, what: str, advice: str, reason: str) -> CheckpointError:
+    kind = _looks_like(p)
+    if kind is not None:
+        return CheckpointError(f"{p} is not {what} ({kind}); {advice}")
+    return CheckpointError(f"{p} is damaged or not {what} ({reason}); {advice}")
+
+
+def _label(weights: Any, arch: str | None) -> str:
+    """The architecture to name in commands that messages suggest."""
+    return arch or (_guess_arch(weights) if not isinstance(weights, str) else "ARCH")
 
 
 def ensure_cached(
@@ -310,18 +462,19 @@ def ensure_cached(
     """Path of the verified cached file for ``weights``, downloading it if missing and allowed.
 
     When the file is neither cached nor obtainable, the error names the three ways out:
-    fetch it with ``cnntrain download-weights``, bring your own with ``--weights FILE``, or
-    train without it (``--no-pretrained``).
+    fetch it with ``cnntrain download-weights`` (or elsewhere, then import it), bring your own
+    with ``--weights FILE``, or train without it (``--no-pretrained``).
     """
     name = file_name(weights)
     folder = cache_dir()
     path = folder / name
-    label = arch or (_guess_arch(weights) if not isinstance(weights, str) else "ARCH")
+    label = _label(weights, arch)
     if path.is_file():
         verify(path, arch=label)
         return path
     ways = (
-        f"`cnntrain download-weights {label}` (with --mirror BASE_URL or --from FILE when offline), "
+        f"`cnntrain download-weights {label}` (offline: with --mirror BASE_URL, or fetch {_url_of(weights)} "
+        f"elsewhere and import it with `cnntrain download-weights --from FILE --arch {label}`), "
         "`--weights FILE` to use your own file, or `--no-pretrained` to train from scratch"
     )
     if not download_missing:
@@ -341,9 +494,14 @@ def load_state_dict(weights: Any, **kw: Any) -> dict[str, torch.Tensor]:
     verified exactly once per call.
     """
     path = ensure_cached(weights, **kw)
-    state = safe_load(path)
+    label = _label(weights, kw.get("arch"))
+    if imported_record(path) is not None:
+        advice = _REIMPORT.format(arch=label)
+    else:  # a file cnntrain (or torchvision) downloaded: getting it again is the fix
+        advice = f"delete it and download it again with `cnntrain download-weights {label}`"
+    state = safe_load(path, what="a PyTorch weights file", advice=advice)
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors; {advice}")
     return state
 
 
@@ -372,7 +530,36 @@ def safe_torchvision_loading(**kw: Any) -> Iterator[None]:
         WeightsEnum.get_state_dict = original
 
 
-# --- fetching by architecture (`cnntrain download-weights`) ----------------------------------
+# --- by architecture (`cnntrain download-weights`) -------------------------------------------
+
+
+def _few(names: Sequence[str], limit: int = 8) -> str:
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _mirror_given(mirror: str | None) -> bool:
+    return bool((mirror if mirror is not None else os.environ.get(MIRROR_ENV, "")).strip())
+
+
+def _fetch_for(spec: Any, *, mirror: str | None, timeout: float) -> Path:
+    """The cached file of ``spec``'s weights (an imported one counts), fetched if missing or damaged."""
+    folder = cache_dir()
+    path = folder / file_name(spec.weights)
+    if path.is_file() and _hash_ok(path, imported=True):
+        return path
+    url = resolve_url(spec.weights, mirror)
+    try:
+        return _download(url, folder, timeout=timeout, progress=True)
+    except FetchError as err:
+        # Not ensure_cached's advice: --weights and --no-pretrained are options of train, not of this command.
+        hint = (
+            f"retry, or fetch {spec.weights.url} on a machine that can reach it and import it here with "
+            f"`cnntrain download-weights --from FILE --arch {spec.name}`"
+        )
+        if not _mirror_given(mirror):
+            hint += f", or use --mirror BASE_URL (or set {MIRROR_ENV})"
+        raise DownloadError(f"could not download {path.name} from {url}: {err.what}; {hint}") from err.__cause__
 
 
 def download_for(
@@ -382,17 +569,20 @@ def download_for(
     mirror: str | None = None,
     timeout: float = 30.0,
     on_cached: Callable[[str, Path], None] | None = None,
+    on_failed: Callable[[str, DownloadError], None] | None = None,
 ) -> list[tuple[str, Path]]:
     """Cache the ImageNet weights of ``archs`` (or, with ``all_``, of every architecture that has
     them); returns ``(arch, path)`` per file, and calls ``on_cached`` as each one is ready.
 
     Every name is checked before anything is fetched. Architectures sharing a file are fetched
     once, under the first name. Naming one without weights is a usage error; ``all_`` skips them.
-    No names and no ``all_``: nothing to do, an empty list.
+    No names and no ``all_``: nothing to do, an empty list. A file cached but damaged is fetched
+    again; one imported with ``--arch`` is kept. With several files, a failure does not stop the
+    others: each is passed to ``on_failed``, and one ``DownloadError`` at the end sums up what
+    was cached and what was not. A single file's failure is that file's ``DownloadError``.
     """
     # Here, not at the top: the registry loads torchvision's model zoo, which plain weight
     # handling (and cnntrain.models itself, when it loads weights) should not wait for.
-    from cnntrain.errors import UsageError
     from cnntrain.models.registry import get_spec, list_models
 
     names = list_models() if all_ else list(archs)
@@ -404,10 +594,167 @@ def download_for(
                 raise UsageError(f"{spec.name} has no pretrained weights (train it with --no-pretrained)")
             continue
         todo.setdefault(spec.weights.url, spec)
-    done = []
+    done: list[tuple[str, Path]] = []
+    failed: list[str] = []
     for spec in todo.values():
-        path = ensure_cached(spec.weights, arch=spec.name, mirror=mirror, timeout=timeout)
+        try:
+            path = _fetch_for(spec, mirror=mirror, timeout=timeout)
+        except DownloadError as err:
+            if len(todo) == 1:
+                raise
+            failed.append(spec.name)
+            if on_failed is not None:
+                on_failed(spec.name, err)
+            continue
         if on_cached is not None:
             on_cached(spec.name, path)
         done.append((spec.name, path))
+    if failed:
+        cached = f" ({_few([name for name, _ in done])})" if done else ""
+        raise DownloadError(
+            f"cached {len(done)} of {len(todo)} weights files{cached}; could not fetch {len(failed)}: "
+            f"{_few(failed)}; fetch those elsewhere and import each with "
+            "`cnntrain download-weights --from FILE --arch NAME`"
+        )
     return done
+
+
+@dataclass(frozen=True)
+class Imported:
+    """What ``import_weights`` did: ``source`` is now ``path``, the file ``arch``'s pretrained
+    builds read; ``record`` is the import record, written when the content is not the release
+    the name stands for (None when it is)."""
+
+    source: Path
+    path: Path
+    arch: str
+    record: Path | None = None
+
+    def summary(self) -> str:
+        if self.record is None:
+            return f"cached {self.path} ({self.arch})"
+        return (
+            f"imported {self.source} as {self.path} for {self.arch} (it loads into {self.arch}); as it is not "
+            f"torchvision's release of that file (its SHA-256 does not match the name), the import is recorded in "
+            f"{self.record.name}, and cnntrain checks the file against that record before each use"
+        )
+
+
+def _expected_names() -> dict[str, str]:
+    """File name -> architecture, for every architecture with weights (torchvision's own first)."""
+    from cnntrain.models.registry import get_spec, list_models
+
+    specs = sorted((get_spec(n) for n in list_models()), key=lambda s: s.partial_weights)
+    names: dict[str, str] = {}
+    for spec in specs:
+        if spec.weights is not None:
+            names.setdefault(file_name(spec.weights), spec.name)
+    return names
+
+
+_QUOTED_RE = re.compile(r'"([^"]+)"')
+
+
+def _load_problems(err: Exception) -> str:
+    """torch's strict-load error (one line per kind, every key) as one short phrase."""
+    problems, mismatched = [], []
+    for line in str(err).splitlines()[1:]:
+        line = line.strip()
+        if line.startswith("size mismatch for "):
+            mismatched.append(line[len("size mismatch for "):].split(":", 1)[0])
+        elif line.startswith(("Missing key(s)", "Unexpected key(s)")):
+            label = "missing" if line.startswith("Missing") else "unexpected"
+            problems.append(f"{label}: {_few(_QUOTED_RE.findall(line), 4)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_few(mismatched, 4)}")
+    return "; ".join(problems) or first_line(err, _REASON_LIMIT)
+
+
+def _check_fits(source: Path, spec: Any) -> None:
+    """Refuse a file that torchvision's builder for ``spec`` would not load (it loads strictly,
+    with each family's quirks: DenseNet's renamed keys, GoogLeNet's auxiliary heads)."""
+    import torchvision
+    from torchvision.models import WeightsEnum
+
+    advice = "--from expects ImageNet weights saved with torch.save(model.state_dict(), FILE)"
+    state = safe_load(source, what="a PyTorch weights file", advice=advice)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = next((k for k in ("model", "state_dict", "model_state_dict")
+                      if isinstance(state, dict) and isinstance(state.get(k), dict)), None)
+        if inner is None:
+            raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict of tensors; {advice}")
+        raise CheckpointError(
+            f"{source} holds its weights under {inner!r}; save those alone with torch.save(obj[{inner!r}], FILE) "
+            "and import that, or start a run from the file as it is with `cnntrain train --weights FILE`"
+        )
+    base = _guess_arch(spec.weights) if spec.partial_weights else spec.name  # ours start from torchvision's
+    original = WeightsEnum.__dict__["get_state_dict"]
+    WeightsEnum.get_state_dict = lambda self, *args, **kwargs: state
+    try:
+        torchvision.models.get_model(base, weights=spec.weights)
+    except RuntimeError as err:
+        target = spec.name if base == spec.name else f"{base}, whose weights {spec.name} starts from,"
+        raise CheckpointError(f"{source} does not fit {target} ({_load_problems(err)}); check --arch") from None
+    finally:
+        WeightsEnum.get_state_dict = original
+
+
+def import_weights(
+    src: str | os.PathLike[str], *, arch: str | None = None, dest_dir: str | os.PathLike[str] | None = None
+) -> Imported:
+    """Put a local weights file where pretrained builds of ``arch`` will find it (offline machines).
+
+    Without ``arch`` the file must carry the name some architecture's weights are looked up by
+    (``resnet18-f37072fd.pth``), and match its hash. With ``arch`` it may be called anything and
+    is stored under that architecture's name; content that is not the release must load into the
+    architecture (safely, weights_only) and is then recorded (``<name>.imported.json``, its
+    SHA-256), so that ``verify`` and ``ensure_cached`` accept it while it stays unchanged.
+    """
+    from cnntrain.models.registry import get_spec, list_models
+
+    source = _source_file(src)
+    folder = Path(dest_dir) if dest_dir is not None else cache_dir()
+    if arch is None:
+        names = _expected_names()
+        owner = names.get(source.name)
+        if owner is None:
+            stem = source.stem.lower()
+            archs = sorted(n for n in list_models() if get_spec(n).weights is not None and n in stem)
+            guess = max(archs, key=len, default="NAME")  # my_resnet18.pth: resnet18
+            raise UsageError(
+                f"no architecture will find {source.name} in the cache: pretrained builds look for their own "
+                f"file name (e.g. resnet18's {file_name(get_spec('resnet18').weights)}); pass --arch NAME to check "
+                f"the file and store it under that name: `cnntrain download-weights --from {source} --arch {guess}`"
+            )
+        return Imported(source, import_file(source, folder, arch=owner), owner)
+    spec = get_spec(arch)
+    if spec.weights is None:
+        raise UsageError(
+            f"{arch} has no pretrained weights, so no pretrained build of it looks for a file; start a run from "
+            "yours with `cnntrain train --weights FILE`"
+        )
+    dest = folder / file_name(spec.weights)
+    expected = hash_prefix(dest.name)
+    try:
+        digest = sha256_file(source)
+    except OSError as err:
+        raise WeightsError(f"cannot read {source}: {err.strerror or err}") from err
+    if expected is None or digest.startswith(expected):  # the release itself, under another name
+        return Imported(source, import_file(source, folder, name=dest.name, arch=arch), arch)
+    _check_fits(source, spec)
+    record = _record_path(dest)
+    written = []
+
+    def check(actual: str, size: int) -> None:  # runs before the file is renamed into place
+        if actual != digest:
+            raise WeightsError(f"{source} changed while it was being imported; import it again")
+        content = {"sha256": actual, "size": size, "arch": arch, "source": str(source.resolve())}
+        written.append(atomic_write_text(record, json.dumps(content, indent=2) + "\n"))
+
+    try:
+        _copy_in(source, dest, check)
+    except BaseException:
+        if written:  # the record of a file that never arrived
+            record.unlink(missing_ok=True)
+        raise
+    return Imported(source, dest, arch, record)

@@ -117,8 +117,9 @@ def test_download_weights_from_file(runner, tmp_path):
     src = tmp_path / name
     src.write_bytes(data)
     result = runner.invoke(app, ["download-weights", "--from", str(src)])
-    assert result.exit_code == 0, result.output
-    assert (weights.cache_dir() / name).is_file()
+    # no architecture looks for tiny-*.pth: refused, not cached where nothing would find it (issue 17)
+    assert result.exit_code == 2 and "--arch NAME" in result.stderr, result.output
+    assert not (weights.cache_dir() / name).exists()
 
 
 def test_train_without_cached_weights_names_three_ways_out(runner, closed_port, monkeypatch, image_folder, tmp_path):

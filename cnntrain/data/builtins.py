@@ -8,8 +8,10 @@ downloaders and are exported once to PNG folders. After that, every built-in is 
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import urllib.error
@@ -20,7 +22,8 @@ from PIL import Image
 from cnntrain.data.dataset_download import download_verified, extract_tar, publish_dir, verify_file
 from cnntrain.data.datasets import DatasetSplits, _check_val_split, load_folder
 from cnntrain.data.shapes import SHAPES_VERSION, generate_shapes
-from cnntrain.errors import DataError, UsageError
+from cnntrain.errors import DataError, UsageError, first_line
+from cnntrain.http_download import describe_failure
 from cnntrain.paths import datasets_dir
 
 BUILTIN_DATASETS = ("shapes", "flowers", "cifar10", "cifar100")
@@ -29,6 +32,12 @@ FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_im
 FLOWERS_SIZE = 228_813_984
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
 FLOWERS_DIR = "flower_photos"
+# Where torchvision fetches CIFAR from and the folder its archive holds (read from torchvision's
+# classes; these are for a class that does not say).
+_CIFAR = {
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-batches-py"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python"),
+}
 
 
 def load_builtin(
@@ -91,18 +100,22 @@ def _load_cifar(key: str, base: Path, download: bool) -> DatasetSplits:
         import torchvision
 
         cls = torchvision.datasets.CIFAR10 if key == "cifar10" else torchvision.datasets.CIFAR100
-        manual = (f"put torchvision's {key} files in {base}, "
-                  "or pass --data-path with a folder of images")
-        hint = f"check the network, or {manual}"
+        url, folder = getattr(cls, "url", _CIFAR[key][0]), getattr(cls, "base_folder", _CIFAR[key][1])
+        by_hand = (f"download {url} by hand and extract it in {base}, so that {base / folder} holds its files, "
+                   "or pass --data-path with a folder of images")
+        failed = f"download of {key} from {url} failed"
         try:
             train = cls(str(base), train=True, download=download)
             test = cls(str(base), train=False, download=download)
-        except RuntimeError as e:  # "Dataset not found or corrupted ..."
-            raise DataError(f"{key} is not in {base} ({e}); allow downloads, or {manual}") from e
-        except urllib.error.URLError as e:
-            raise DataError(f"download of {key} failed: {getattr(e, 'reason', e)}; {hint}") from e
-        except OSError as e:
-            raise DataError(f"cannot fetch {key} into {base}: {e.strerror or e}; {hint}") from e
+        except RuntimeError as e:  # "Dataset not found or corrupted ...", or a download that failed its checksum
+            if not download:
+                raise DataError(f"{key} is not in {base} and downloading is off; allow downloads, or {by_hand}") from e
+            raise DataError(f"{failed}: {first_line(e)}; check the network, or {by_hand}") from e
+        except (urllib.error.URLError, ConnectionError, TimeoutError, socket.gaierror, http.client.HTTPException) as e:
+            raise DataError(f"{failed}: {describe_failure(e, url)}; check the network, or {by_hand}") from e
+        except OSError as e:  # our side: a full disk, a read-only folder
+            raise DataError(f"cannot fetch {key} into {base}: {e.strerror or e}; set CNNTRAIN_HOME to a writable "
+                            f"folder, or {by_hand}") from e
         export_png_folders(final, train.classes, {"train": (train.data, train.targets),
                                                   "test": (test.data, test.targets)})
     splits = load_folder(final)

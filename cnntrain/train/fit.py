@@ -30,10 +30,14 @@ current step (with the epoch's running sums). A run stopped by a signal continue
 batch where it stopped; a run killed outright restarts the epoch after its last completed
 one. Either way the state (weights, optimiser, schedule, RNG) is exact, and the sampler's
 per-(epoch, sample) seeding replays the same batches. Epochs are 0-based inside, 1-based on screen.
+Another ``--epochs`` on resume extends or shortens the run: the schedule is built for the new
+length and the loaded state takes its learning rate from it (``TrainingState.load_state_dict``).
+``runs/latest`` is pointed at a run when its folder is claimed or resumed (``_open_run_dir``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -44,7 +48,7 @@ from cnntrain.config import TrainConfig, save_yaml
 from cnntrain.data import DatasetSplits
 from cnntrain.engine import EvalResult, evaluate
 from cnntrain.errors import CnnTrainError, DataError, first_line
-from cnntrain.models import freeze_backbone
+from cnntrain.models import freeze_backbone, get_spec
 from cnntrain.runtime import amp_dtype_for, resolve_device, seed_everything, use_channels_last
 from cnntrain.train import distributed, loss
 from cnntrain.train.checkpointer import Checkpointer
@@ -98,11 +102,16 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     started = time.perf_counter()
     if plan is None and cfg.resume:
         plan = load_plan(cfg.resume, cfg.project)
+    if plan is not None:
+        plan.check_epochs(cfg.epochs)
+        if plan.note:
+            reporter.info(plan.note)
     if plan is None and ctx.is_main:
         checkpoint.check_project(cfg.project)  # an unusable output folder fails before any work
     if ctx.enabled:
         distributed.check_sync_bn(cfg.sync_bn, device)
     seed_everything(cfg.seed, cfg.deterministic)
+    cfg = dataclasses.replace(cfg, arch=get_spec(cfg.arch).name)  # a wrong name fails before the data scan
     with ctx.main_first():  # rank 0 scans (and downloads); the others then read its caches
         splits = load_splits(cfg.data_path, cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict,
                              info=reporter.info, warn=reporter.always, progress=reporter.interactive)
@@ -111,7 +120,8 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
         plan.check_classes(splits.classes)
     reporter.info(splits.summary())
     run = build_run_model(cfg.arch, splits.num_classes, pretrained=cfg.pretrained, weights=cfg.weights,
-                          resumed=plan.saved if plan else None, ctx=ctx, log=reporter.info)
+                          resumed=plan.saved if plan else None, freeze_layers=cfg.freeze_layers, ctx=ctx,
+                          log=reporter.info, warn=reporter.always)
     run_dir = _open_run_dir(cfg, plan, ctx, reporter, device)
     start_epoch = plan.epochs_done if plan else 0
     partial = plan.partial_epoch(ctx.world_size, ctx.is_main, reporter.info) if plan else None
@@ -123,8 +133,11 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     state = _training_state(cfg, run, ctx, amp_dtype == torch.float16, "val_acc" if splits.val else "train_acc",
                             reporter)
     if plan is not None:
-        state.load_state_dict(plan.saved)
+        state.load_state_dict(plan.saved)  # the lr: what this run's schedule gives the epoch it continues at
         reporter.info(plan.describe(partial, cfg.epochs))
+        length = plan.new_length(cfg.epochs, cfg.sched, state.lr)
+        if length:
+            reporter.info(length)
     phases = _phases(cfg, run, splits, frozen, device, ctx, amp_dtype, channels_last, reporter)
     if ctx.is_main:
         write_run_description(run_dir, save_yaml(cfg), splits.classes)
@@ -138,8 +151,6 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
         clip_grad=cfg.clip_grad, sync_every=1 if device.type == "cpu" else GPU_SYNC_EVERY,
         reporters=[MetricsCsv(run_dir / "metrics.csv")],
     ).run(start_epoch, partial)
-    if ctx.is_main:
-        checkpoint.point_latest(run_dir)
     result = TrainResult(run_dir=run_dir, best_epoch=state.best_epoch, best_metric=state.best_metric,
                          monitor=state.monitor, epochs_run=len(state.history), seconds=time.perf_counter() - started,
                          stopped_early=stopped_early, history=state.history)
@@ -151,13 +162,17 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
 def _open_run_dir(cfg: TrainConfig, plan: ResumePlan | None, ctx: DistContext, reporter: Reporter,
                   device: torch.device) -> Path:
     """A resumed run continues in its folder (temp files of a killed writer removed); a new one
-    claims the next free ``project/name``, chosen by rank 0."""
+    claims the next free ``project/name``, chosen by rank 0. Either way ``latest`` now points at
+    it: the run last started is what ``--resume auto`` and predict/eval/export mean by default."""
     if plan is not None:
         run_dir = plan.run_dir
         if ctx.is_main:
             fileio.clean_stale_temps(run_dir, older_than=0)
+            checkpoint.point_latest(run_dir)
     else:
         made = checkpoint.new_run_dir(cfg.project, cfg.name, cfg.exist_ok) if ctx.is_main else None
+        if made is not None:
+            checkpoint.point_latest(made)
         run_dir = Path(ctx.broadcast(str(made) if made else None))
     reporter.info(f"run folder: {run_dir}")
     if ctx.enabled:
