@@ -431,7 +431,9 @@ def download_weights(
     elif from_ is not None:
         if archs and (len(archs) > 1 or arch not in (None, archs[0])):
             raise UsageError("--from imports one file for one architecture: name it once, e.g. --arch resnet18")
-        imported = weights_mod.import_weights(from_, arch=arch or (archs[0] if archs else None))
+        from cnntrain.weights_import import import_weights
+
+        imported = import_weights(from_, arch=arch or (archs[0] if archs else None))
         out.print(escape(imported.summary()), soft_wrap=True)
     elif not archs and not all_:
         raise UsageError("name at least one architecture (e.g. `cnntrain download-weights resnet50`), or use --all / --list")

@@ -5,10 +5,11 @@ by either tool serves both. Names follow torch.hub's ``name-<sha256 prefix>.ext`
 that prefix is checked after every download, copy-in and before every load, and loading is
 always ``weights_only=True``: a weights file is data, never code.
 
-A file of one's own (``cnntrain download-weights --from FILE --arch NAME``) is checked to load
-into that architecture and stored under the name its weights are looked up by. Its hash cannot
-match that name, so the import is recorded next to it (``<name>.imported.json``, holding the
-file's full SHA-256), and the record stands in for the name's promise on every later check.
+A file of one's own (``cnntrain download-weights --from FILE --arch NAME``, see
+``weights_import``) is checked to load into that architecture and stored under the name its
+weights are looked up by. Its hash cannot match that name, so the import is recorded next to it
+(``<name>.imported.json``, holding the file's full SHA-256), and the record stands in for the
+name's promise on every later check here.
 
 A download streams into a hidden temp file next to its target and is renamed into place only
 once its length and hash are right, so a dropped connection or a killed process never leaves a
@@ -28,16 +29,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cnntrain.errors import CheckpointError, DownloadError, UsageError, WeightsError, first_line
-from cnntrain.fileio import atomic_open, atomic_write_text, is_temp_name, sha256_file
+from cnntrain.fileio import atomic_open, is_temp_name, sha256_file
+from cnntrain.filetypes import describe_file
 from cnntrain.http_download import FetchError, fetch
 from cnntrain.paths import weights_dir as cache_dir  # public here too: the CLI and tests ask weights
 
@@ -45,7 +45,6 @@ __all__ = [
     "HASH_REGEX",
     "MIRROR_ENV",
     "RECORD_SUFFIX",
-    "Imported",
     "cache_dir",
     "download",
     "download_for",
@@ -53,7 +52,6 @@ __all__ = [
     "file_name",
     "hash_prefix",
     "import_file",
-    "import_weights",
     "imported_record",
     "list_cached",
     "load_state_dict",
@@ -68,7 +66,7 @@ HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
 MIRROR_ENV = "CNNTRAIN_WEIGHTS_MIRROR"
 _CHUNK = 1 << 18
 #: Longest reason quoted from torch in a "damaged" message.
-_REASON_LIMIT = 120
+REASON_LIMIT = 120
 
 
 # --- names and places (the cache folder itself is cnntrain.paths.weights_dir) ---------------
@@ -115,7 +113,7 @@ def resolve_url(weights_or_url: Any, mirror: str | None = None) -> str:
     return f"{base.rstrip('/')}/{urllib.parse.quote(file_name(url))}"
 
 
-def _guess_arch(weights: Any) -> str:
+def guess_arch(weights: Any) -> str:
     """Name of a torchvision model using ``weights``, to write runnable commands in messages."""
     try:
         import torchvision.models as tvm
@@ -140,7 +138,7 @@ def _download(url: str, folder: Path, *, timeout: float, progress: bool) -> Path
     if dest.is_file() and _hash_ok(dest):
         return dest
     fetch(url, dest, sha256=hash_prefix(dest.name), timeout=timeout, progress=progress)
-    _record_path(dest).unlink(missing_ok=True)  # the release replaced a file imported with --arch
+    record_path(dest).unlink(missing_ok=True)  # the release replaced a file imported with --arch
     return dest
 
 
@@ -182,14 +180,14 @@ RECORD_SUFFIX = ".imported.json"
 _REIMPORT = "import it again with `cnntrain download-weights --from FILE --arch {arch}`"
 
 
-def _record_path(path: Path) -> Path:
+def record_path(path: Path) -> Path:
     return path.with_name(path.name + RECORD_SUFFIX)
 
 
 def imported_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The record of a cached file imported with ``--arch`` (``sha256``, ``arch``, ``source``), or None."""
     try:
-        record = json.loads(_record_path(Path(path)).read_text(encoding="utf-8"))
+        record = json.loads(record_path(Path(path)).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("sha256"), str) else None
@@ -237,7 +235,7 @@ def verify(path: str | os.PathLike[str], *, arch: str | None = None) -> None:
         if record["sha256"] == actual:
             return
         raise WeightsError(
-            f"{p} changed since it was imported (its SHA-256 is no longer the one in {_record_path(p).name}); "
+            f"{p} changed since it was imported (its SHA-256 is no longer the one in {record_path(p).name}); "
             + _REIMPORT.format(arch=arch or record.get("arch") or "ARCH")
         )
     raise WeightsError(
@@ -246,7 +244,7 @@ def verify(path: str | os.PathLike[str], *, arch: str | None = None) -> None:
     )
 
 
-def _source_file(src: str | os.PathLike[str]) -> Path:
+def source_file(src: str | os.PathLike[str]) -> Path:
     source = Path(src).expanduser()
     if not source.exists():
         raise WeightsError(f"{source} not found")
@@ -255,7 +253,7 @@ def _source_file(src: str | os.PathLike[str]) -> Path:
     return source
 
 
-def _copy_in(source: Path, dest: Path, check: Callable[[str, int], None]) -> Path:
+def copy_in(source: Path, dest: Path, check: Callable[[str, int], None]) -> Path:
     """Copy ``source`` onto ``dest`` atomically; ``check(sha256, size)`` may refuse it first."""
     try:
         with open(source, "rb") as f_in, atomic_open(dest, "wb") as f_out:
@@ -284,7 +282,7 @@ def import_file(
     content must match; on a mismatch nothing is left behind and ``WeightsError`` is raised.
     (``import_weights`` is the by-architecture front door, for files of any name.)
     """
-    source = _source_file(src)
+    source = source_file(src)
     folder = Path(dest_dir) if dest_dir is not None else cache_dir()
     dest = folder / (name or source.name)
     expected = hash_prefix(dest.name)
@@ -302,8 +300,8 @@ def import_file(
                 f"the name promises {expected}; the file is damaged or a different release, {refetch}"
             )
 
-    _copy_in(source, dest, check)
-    _record_path(dest).unlink(missing_ok=True)  # the content is what its name says: no import to record
+    copy_in(source, dest, check)
+    record_path(dest).unlink(missing_ok=True)  # the content is what its name says: no import to record
     return dest
 
 
@@ -321,7 +319,7 @@ def list_cached(dest_dir: str | os.PathLike[str] | None = None) -> list[dict[str
             continue
         entries.append(
             {"name": path.name, "size": path.stat().st_size, "path": path, "hash_prefix": hash_prefix(path.name),
-             "imported": _record_path(path).is_file()}
+             "imported": record_path(path).is_file()}
         )
     return entries
 
@@ -329,72 +327,6 @@ def list_cached(dest_dir: str | os.PathLike[str] | None = None) -> list[dict[str
 # --- loading ------------------------------------------------------------------------------
 
 _GLOBAL_RE = re.compile(r"GLOBAL (\S+?)(?: whose| was|\s|$)")
-#: What a file torch cannot read is, by its first bytes (checked only after torch.load failed).
-_SIGNATURES = (
-    (b"\xff\xd8\xff", "it starts like a JPEG image"),
-    (b"\x89PNG\r\n\x1a\n", "it starts like a PNG image"),
-    (b"GIF87a", "it starts like a GIF image"),
-    (b"GIF89a", "it starts like a GIF image"),
-    (b"II*\x00", "it starts like a TIFF image"),
-    (b"MM\x00*", "it starts like a TIFF image"),
-    (b"%PDF", "it starts like a PDF document"),
-    (b"\x1f\x8b", "it is gzip-compressed, an archive rather than a torch.save file"),
-    (b"\x89HDF\r\n\x1a\n", "it is an HDF5 file, as Keras saves weights"),
-    (b"\x93NUMPY", "it is a NumPy .npy array"),
-)
-
-
-def _as_text(head: bytes) -> str | None:
-    """``head`` as text if it reads as UTF-8 without control characters, else None."""
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if err.start < len(head) - 3:  # not just a character cut in half at the end
-            return None
-        text = head[: err.start].decode("utf-8")
-    return text if text.strip() and all(c.isprintable() or c in "\t\r\n\f" for c in text) else None
-
-
-def _zip_kind(path: Path) -> str | None:
-    """A ZIP archive torch could not load: a TorchScript export, another archive, or (None) damaged."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return None  # a torch.save file cut short, most likely
-    if any(n.endswith("/constants.pkl") for n in names):
-        return "it is a TorchScript export, as `cnntrain export` writes"
-    if not any(n.endswith("/data.pkl") for n in names):
-        return "it is a ZIP archive that torch.save did not write"
-    return None
-
-
-def _looks_like(path: Path) -> str | None:
-    """What a file that torch could not load seems to be instead, in words; None if unclear."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError:
-        return None
-    for magic, kind in _SIGNATURES:
-        if head.startswith(magic):
-            return kind
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "it starts like a WebP image"
-    if head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < path.stat().st_size:
-        return "it is a safetensors file, not a torch.save one"
-    if path.suffix.lower() == ".onnx":
-        return "it is named like an ONNX model"
-    if head.startswith(b"PK\x03\x04"):
-        return _zip_kind(path)
-    text = _as_text(head)
-    if text is None:
-        return None
-    if text.lstrip().lower().startswith(("<!doctype html", "<html")):
-        return "it is an HTML page, perhaps saved in place of the download"
-    return "it is a text file"
-
-
 def safe_load(
     path: str | os.PathLike[str],
     *,
@@ -431,15 +363,15 @@ def safe_load(
             ) from None
         # torch wraps the unpickler's reason in advice to retry with weights_only=False: drop it.
         reason = message.rsplit("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0]
-        raise _not_loadable(p, what, advice, first_line(reason.strip(), _REASON_LIMIT)) from None
+        raise _not_loadable(p, what, advice, first_line(reason.strip(), REASON_LIMIT)) from None
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - torch reports damage as many types (EOF, OSError, KeyError ...)
-        raise _not_loadable(p, what, advice, first_line(err, _REASON_LIMIT, with_type=True)) from err
+        raise _not_loadable(p, what, advice, first_line(err, REASON_LIMIT, with_type=True)) from err
 
 
 def _not_loadable(p: Path, what: str, advice: str, reason: str) -> CheckpointError:
-    kind = _looks_like(p)
+    kind = describe_file(p)
     if kind is not None:
         return CheckpointError(f"{p} is not {what} ({kind}); {advice}")
     return CheckpointError(f"{p} is damaged or not {what} ({reason}); {advice}")
@@ -447,7 +379,7 @@ def _not_loadable(p: Path, what: str, advice: str, reason: str) -> CheckpointErr
 
 def _label(weights: Any, arch: str | None) -> str:
     """The architecture to name in commands that messages suggest."""
-    return arch or (_guess_arch(weights) if not isinstance(weights, str) else "ARCH")
+    return arch or (guess_arch(weights) if not isinstance(weights, str) else "ARCH")
 
 
 def ensure_cached(
@@ -533,7 +465,7 @@ def safe_torchvision_loading(**kw: Any) -> Iterator[None]:
 # --- by architecture (`cnntrain download-weights`) -------------------------------------------
 
 
-def _few(names: Sequence[str], limit: int = 8) -> str:
+def few(names: Sequence[str], limit: int = 8) -> str:
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -610,151 +542,10 @@ def download_for(
             on_cached(spec.name, path)
         done.append((spec.name, path))
     if failed:
-        cached = f" ({_few([name for name, _ in done])})" if done else ""
+        cached = f" ({few([name for name, _ in done])})" if done else ""
         raise DownloadError(
             f"cached {len(done)} of {len(todo)} weights files{cached}; could not fetch {len(failed)}: "
-            f"{_few(failed)}; fetch those elsewhere and import each with "
+            f"{few(failed)}; fetch those elsewhere and import each with "
             "`cnntrain download-weights --from FILE --arch NAME`"
         )
     return done
-
-
-@dataclass(frozen=True)
-class Imported:
-    """What ``import_weights`` did: ``source`` is now ``path``, the file ``arch``'s pretrained
-    builds read; ``record`` is the import record, written when the content is not the release
-    the name stands for (None when it is)."""
-
-    source: Path
-    path: Path
-    arch: str
-    record: Path | None = None
-
-    def summary(self) -> str:
-        if self.record is None:
-            return f"cached {self.path} ({self.arch})"
-        return (
-            f"imported {self.source} as {self.path} for {self.arch} (it loads into {self.arch}); as it is not "
-            f"torchvision's release of that file (its SHA-256 does not match the name), the import is recorded in "
-            f"{self.record.name}, and cnntrain checks the file against that record before each use"
-        )
-
-
-def _expected_names() -> dict[str, str]:
-    """File name -> architecture, for every architecture with weights (torchvision's own first)."""
-    from cnntrain.models.registry import get_spec, list_models
-
-    specs = sorted((get_spec(n) for n in list_models()), key=lambda s: s.partial_weights)
-    names: dict[str, str] = {}
-    for spec in specs:
-        if spec.weights is not None:
-            names.setdefault(file_name(spec.weights), spec.name)
-    return names
-
-
-_QUOTED_RE = re.compile(r'"([^"]+)"')
-
-
-def _load_problems(err: Exception) -> str:
-    """torch's strict-load error (one line per kind, every key) as one short phrase."""
-    problems, mismatched = [], []
-    for line in str(err).splitlines()[1:]:
-        line = line.strip()
-        if line.startswith("size mismatch for "):
-            mismatched.append(line[len("size mismatch for "):].split(":", 1)[0])
-        elif line.startswith(("Missing key(s)", "Unexpected key(s)")):
-            label = "missing" if line.startswith("Missing") else "unexpected"
-            problems.append(f"{label}: {_few(_QUOTED_RE.findall(line), 4)}")
-    if mismatched:
-        problems.append(f"shape mismatch: {_few(mismatched, 4)}")
-    return "; ".join(problems) or first_line(err, _REASON_LIMIT)
-
-
-def _check_fits(source: Path, spec: Any) -> None:
-    """Refuse a file that torchvision's builder for ``spec`` would not load (it loads strictly,
-    with each family's quirks: DenseNet's renamed keys, GoogLeNet's auxiliary heads)."""
-    import torchvision
-    from torchvision.models import WeightsEnum
-
-    advice = "--from expects ImageNet weights saved with torch.save(model.state_dict(), FILE)"
-    state = safe_load(source, what="a PyTorch weights file", advice=advice)
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        inner = next((k for k in ("model", "state_dict", "model_state_dict")
-                      if isinstance(state, dict) and isinstance(state.get(k), dict)), None)
-        if inner is None:
-            raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict of tensors; {advice}")
-        raise CheckpointError(
-            f"{source} holds its weights under {inner!r}; save those alone with torch.save(obj[{inner!r}], FILE) "
-            "and import that, or start a run from the file as it is with `cnntrain train --weights FILE`"
-        )
-    base = _guess_arch(spec.weights) if spec.partial_weights else spec.name  # ours start from torchvision's
-    original = WeightsEnum.__dict__["get_state_dict"]
-    WeightsEnum.get_state_dict = lambda self, *args, **kwargs: state
-    try:
-        torchvision.models.get_model(base, weights=spec.weights)
-    except RuntimeError as err:
-        target = spec.name if base == spec.name else f"{base}, whose weights {spec.name} starts from,"
-        raise CheckpointError(f"{source} does not fit {target} ({_load_problems(err)}); check --arch") from None
-    finally:
-        WeightsEnum.get_state_dict = original
-
-
-def import_weights(
-    src: str | os.PathLike[str], *, arch: str | None = None, dest_dir: str | os.PathLike[str] | None = None
-) -> Imported:
-    """Put a local weights file where pretrained builds of ``arch`` will find it (offline machines).
-
-    Without ``arch`` the file must carry the name some architecture's weights are looked up by
-    (``resnet18-f37072fd.pth``), and match its hash. With ``arch`` it may be called anything and
-    is stored under that architecture's name; content that is not the release must load into the
-    architecture (safely, weights_only) and is then recorded (``<name>.imported.json``, its
-    SHA-256), so that ``verify`` and ``ensure_cached`` accept it while it stays unchanged.
-    """
-    from cnntrain.models.registry import get_spec, list_models
-
-    source = _source_file(src)
-    folder = Path(dest_dir) if dest_dir is not None else cache_dir()
-    if arch is None:
-        names = _expected_names()
-        owner = names.get(source.name)
-        if owner is None:
-            stem = source.stem.lower()
-            archs = sorted(n for n in list_models() if get_spec(n).weights is not None and n in stem)
-            guess = max(archs, key=len, default="NAME")  # my_resnet18.pth: resnet18
-            raise UsageError(
-                f"no architecture will find {source.name} in the cache: pretrained builds look for their own "
-                f"file name (e.g. resnet18's {file_name(get_spec('resnet18').weights)}); pass --arch NAME to check "
-                f"the file and store it under that name: `cnntrain download-weights --from {source} --arch {guess}`"
-            )
-        return Imported(source, import_file(source, folder, arch=owner), owner)
-    spec = get_spec(arch)
-    if spec.weights is None:
-        raise UsageError(
-            f"{arch} has no pretrained weights, so no pretrained build of it looks for a file; start a run from "
-            "yours with `cnntrain train --weights FILE`"
-        )
-    dest = folder / file_name(spec.weights)
-    expected = hash_prefix(dest.name)
-    try:
-        digest = sha256_file(source)
-    except OSError as err:
-        raise WeightsError(f"cannot read {source}: {err.strerror or err}") from err
-    if expected is None or digest.startswith(expected):  # the release itself, under another name
-        return Imported(source, import_file(source, folder, name=dest.name, arch=arch), arch)
-    _check_fits(source, spec)
-    record = _record_path(dest)
-    written = []
-
-    def check(actual: str, size: int) -> None:  # runs before the file is renamed into place
-        if actual != digest:
-            raise WeightsError(f"{source} changed while it was being imported; import it again")
-        content = {"sha256": actual, "size": size, "arch": arch, "source": str(source.resolve())}
-        written.append(atomic_write_text(record, json.dumps(content, indent=2) + "\n"))
-
-    try:
-        _copy_in(source, dest, check)
-    except BaseException:
-        if written:  # the record of a file that never arrived
-            record.unlink(missing_ok=True)
-        raise
-    return Imported(source, dest, arch, record)
