@@ -224,7 +224,7 @@ def train(
     name: Annotated[str | None, Output(help=f"Run name; taken names get 2, 3, ... {default('name')}.")] = None,
     exist_ok: Annotated[bool | None, Output("--exist-ok", help=f"Reuse project/name instead of numbering {default('exist_ok')}.")] = None,
     resume: Annotated[str | None, Output(help="Continue a run: its last.pt, its folder, or 'auto' for the latest.")] = None,
-    quiet: Annotated[bool | None, Output("--quiet", "-q", help=f"Print only the final summary {default('quiet')}.")] = None,
+    quiet: Annotated[bool | None, Output("--quiet/--no-quiet", "-q", help=f"Print only the final summary; --no-quiet overrides a recipe's quiet: true {default('quiet')}.")] = None,
     config: Annotated[Path | None, Output("--config", help="YAML file of options; command-line flags win.")] = None,
 ) -> None:
     """Train or fine-tune an architecture on an image folder or a built-in dataset."""

@@ -188,3 +188,23 @@ def test_near_miss_arch_names_are_suggested(typed, suggested):
     if typed.replace("-", "").lower() == suggested.replace("_", ""):
         assert first[0] == suggested  # the same name but for separators comes first
 
+
+
+def test_no_quiet_overrides_a_recipe_that_asks_for_quiet(runner, tmp_path, monkeypatch):
+    """A recipe (or any config) with quiet: true can be overridden from the command line."""
+    import cnntrain.train
+    from cnntrain.errors import CnnTrainError
+
+    seen = {}
+
+    def fake_fit(cfg, resume=None):
+        seen["quiet"] = cfg.quiet
+        raise CnnTrainError("stop here")
+
+    monkeypatch.setattr(cnntrain.train, "fit", fake_fit)
+    recipe = tmp_path / "quiet.yaml"
+    recipe.write_text("quiet: true\n", encoding="utf-8")
+    for flags, expected in (([], True), (["--no-quiet"], False), (["-q"], True)):
+        result = runner.invoke(app, ["train", "--config", str(recipe), *flags])
+        assert result.exit_code == 1 and "stop here" in result.output
+        assert seen["quiet"] is expected, flags
