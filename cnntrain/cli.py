@@ -320,7 +320,7 @@ def _print_prediction_table(rows: list[dict]) -> None:
 @command("eval")
 def eval_(
     weights: Annotated[Path | None, Opt(help="Checkpoint (default: best.pt of runs/latest).")] = None,
-    data_path: Annotated[Path | None, Opt("--data-path", "--data", help="ImageFolder root (or train/ + val/).")] = None,
+    data_path: Annotated[Path | None, Opt("--data-path", "--data", help="ImageFolder root (or train/ + val/) (default: the data the checkpoint was trained on).")] = None,
     dataset: Annotated[str | None, Opt(help="Built-in dataset: shapes, flowers, cifar10, cifar100.")] = None,
     split: Annotated[str, Opt(help=f"{one_of(EVAL_SPLITS)}.")] = "val",
     fmt: Annotated[str, Opt("--format", help=f"{one_of(EVAL_FORMATS)}.")] = "table",
@@ -336,7 +336,8 @@ def eval_(
     check_choice("--format", fmt, EVAL_FORMATS)
     check_choice("--split", split, EVAL_SPLITS)
     report = evaluate_checkpoint(_weights_or_latest(weights, project), data_path=data_path, dataset=dataset,
-                                 split=split, batch_size=batch_size, workers=workers, device=device, plot=plot)
+                                 split=split, batch_size=batch_size, workers=workers, device=device, plot=plot,
+                                 log=lambda s: err.print(escape(s)))
     if fmt == "json":
         print(json.dumps(report, indent=2))
     else:

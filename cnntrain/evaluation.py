@@ -9,6 +9,7 @@ know is an error naming it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,35 @@ from cnntrain.metrics import classification_report
 from cnntrain.runtime import resolve_device
 
 
+def data_of(ckpt: dict[str, Any], weights: str | Path, data_path: str | Path | None, dataset: str | None,
+            log: Callable[[str], None] = lambda s: None) -> tuple[str | Path | None, str | None]:
+    """The data to score: as given, else the data the checkpoint was trained on (when it is still there)."""
+    if data_path is not None and dataset is not None:
+        raise UsageError("give --data-path DIR or --dataset NAME, not both")
+    if data_path is not None or dataset is not None:
+        return data_path, dataset
+    config = ckpt.get("config")
+    if not config:
+        raise UsageError(f"{weights} does not say what it was trained on; give --data-path DIR or --dataset NAME")
+    if config.get("data_path"):
+        trained_on = Path(config["data_path"])
+        if not trained_on.is_dir():
+            raise UsageError(f"no --data-path given, and {trained_on}, which {weights} was trained on, is not there "
+                             "any more; give --data-path DIR or --dataset NAME")
+        log(f"no --data-path given: scoring on {trained_on}, the data {weights} was trained on")
+        return trained_on, None
+    name = config.get("dataset") or "shapes"  # training's own default
+    log(f"no --dataset given: scoring on the built-in dataset {name}, which {weights} was trained on")
+    return None, name
+
+
 def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = None, dataset: str | None = None,
                         split: str = "val", batch_size: int = 64, workers: int | None = None,
-                        device: str = "auto", plot: str | Path | None = None) -> dict[str, Any]:
-    if (data_path is None) == (dataset is None):
-        raise UsageError("give exactly one of --data-path DIR or --dataset NAME")
+                        device: str = "auto", plot: str | Path | None = None,
+                        log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Score ``weights`` on a split of ``data_path`` or ``dataset`` (neither: the checkpoint's own data)."""
     ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
+    data_path, dataset = data_of(ckpt, weights, data_path, dataset, log)
     seed = int((ckpt.get("config") or {}).get("seed", 0))
     val_split = float((ckpt.get("config") or {}).get("val_split", 0.1))
     if data_path is not None:

@@ -208,3 +208,40 @@ def test_no_quiet_overrides_a_recipe_that_asks_for_quiet(runner, tmp_path, monke
         result = runner.invoke(app, ["train", "--config", str(recipe), *flags])
         assert result.exit_code == 1 and "stop here" in result.output
         assert seen["quiet"] is expected, flags
+
+
+def _hand_made_checkpoint(path: Path, config: dict | None) -> Path:
+    """A self-describing checkpoint of an untrained 3-class model: no training needed."""
+    from cnntrain import checkpoint
+    from cnntrain.models import get_model
+
+    model = get_model("squeezenet1_1", num_classes=3)
+    payload = checkpoint.make_checkpoint(model, arch="squeezenet1_1", classes=["blue", "green", "red"], img_size=32,
+                                         mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], config=config or {},
+                                         epoch=1, metrics={})
+    return checkpoint.save(path, payload)
+
+
+def test_eval_without_data_options_scores_the_data_the_checkpoint_was_trained_on(runner, tmp_path):
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", per_class=4, size=24)
+    ckpt = _hand_made_checkpoint(tmp_path / "best.pt", {"data_path": str(data), "seed": 0, "val_split": 0.25})
+    args = ["eval", "--weights", str(ckpt), "--format", "json", "--workers", "0", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["images"] == 3 and str(data) in report["data"]  # one held-out image per class
+    assert "the data" in result.stderr and str(data) in result.stderr
+
+    import shutil
+
+    shutil.rmtree(data)
+    gone = runner.invoke(app, args)
+    assert gone.exit_code == 2 and "not there any more" in gone.stderr and "--data-path" in gone.stderr
+
+
+def test_eval_of_a_checkpoint_that_does_not_say_its_data_asks_for_it(runner, tmp_path):
+    ckpt = _hand_made_checkpoint(tmp_path / "best.pt", None)
+    result = runner.invoke(app, ["eval", "--weights", str(ckpt), "--device", "cpu"])
+    assert result.exit_code == 2 and "does not say what it was trained on" in result.stderr
