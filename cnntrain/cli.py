@@ -149,7 +149,7 @@ def models(
     check_choice("--format", fmt, MODELS_FORMATS)
     from cnntrain.models import model_rows
 
-    rows = model_rows(pattern)
+    rows = model_rows(pattern, log=lambda s: err.print(escape(s)))  # stderr: --format json stays parseable
     if fmt == "json":
         print(json.dumps(rows, indent=2))
         return

@@ -318,4 +318,4 @@ def _verify(model: nn.Module, runner: ExportedModel, img_size: int,
         # NaN from the export counts as infinitely far (a plain max() would skip it)
         diff = max(diff, float((got - expected).abs().nan_to_num(nan=float("inf")).max()))
         scale = max(scale, float(expected.abs().max()))
-    return diff, TOLERANCE * scale, [len(x) for x in inputs]
+    return diff, TOLERANCE * scale, list(dict.fromkeys(len(x) for x in inputs))  # each size once, in order

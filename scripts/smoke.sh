@@ -2,10 +2,16 @@
 # Shell-level smoke test to copy into CI: train one epoch on a tiny generated folder, then
 # predict and eval from the checkpoint, checking every exit code and that JSON output parses.
 # Usage: scripts/smoke.sh [WORKDIR]   (uses .venv when present, else `cnntrain` on PATH)
+# Without WORKDIR it works in a mktemp folder and removes it on exit; a given WORKDIR is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/cnntrain ] && export PATH="$PWD/.venv/bin:$PATH"
-work="${1:-$(mktemp -d)}"
+if [ -n "${1:-}" ]; then
+    work="$1"  # a given WORKDIR is kept for inspection
+else
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT  # our own temporary folder goes, pass or fail
+fi
 py="$(command -v python3 || command -v python)"
 [ -x .venv/bin/python ] && py=.venv/bin/python
 

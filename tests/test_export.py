@@ -71,7 +71,7 @@ def test_export_writes_model_and_sidecar(trained, exports):
 
     onnx_path, ts_path = exports["onnx"], exports["torchscript"]
     assert onnx_path.is_file() and ts_path.is_file()
-    assert "max |logit difference|" in exports["onnx_out"] and "batch sizes 1, 1, 3" in exports["torchscript_out"]
+    assert "max |logit difference|" in exports["onnx_out"] and "batch sizes 1, 3:" in exports["torchscript_out"]
     meta = json.loads(exported.sidecar_path(onnx_path).read_text())
     assert meta["format"] == "cnntrain-export" and meta["model_format"] == "onnx" and meta["arch"] == "resnet18"
     assert meta["classes"] == ["blue", "green", "red"] and meta["img_size"] == 32 and meta["resize"] == 36
@@ -80,9 +80,10 @@ def test_export_writes_model_and_sidecar(trained, exports):
     assert meta["output"]["shape"] == [1, 3] and meta["opset"] == 17
     assert meta["source_checkpoint"] == str(trained)
     assert meta["verification"]["max_abs_diff"] <= meta["verification"]["allowed"]
+    assert meta["verification"]["batch_sizes"] == [1] and "batch sizes 1:" in exports["onnx_out"]
     ts_meta = json.loads(exported.sidecar_path(ts_path).read_text())
     assert ts_meta["model_format"] == "torchscript" and ts_meta["input"]["shape"][0] == "batch"
-    assert ts_meta["opset"] is None and ts_meta["verification"]["batch_sizes"] == [1, 1, 3]
+    assert ts_meta["opset"] is None and ts_meta["verification"]["batch_sizes"] == [1, 3]
     props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     assert json.loads(props["classes"]) == ["blue", "green", "red"] and json.loads(props["mean"]) == meta["mean"]
     assert not leftovers(onnx_path.parent) and not leftovers(ts_path.parent)
@@ -124,7 +125,7 @@ def test_dynamic_batch_onnx_with_chosen_opset(trained, tmp_path, runner):
 
     out = tmp_path / "dyn.onnx"
     result = invoke(runner, "export", "--weights", str(trained), "--dynamic-batch", "--opset", "13", "-o", str(out))
-    assert "batch sizes 1, 1, 3" in result.stdout
+    assert "batch sizes 1, 3:" in result.stdout
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", 3, 32, 32] and session.get_inputs()[0].type == "tensor(uint8)"
     assert json.loads(exported.sidecar_path(out).read_text())["opset"] == 13
@@ -271,7 +272,7 @@ def _export_fresh(arch: str, size: int, fmt: str, folder: Path) -> export.Export
     out = folder / (arch + (".onnx" if fmt == "onnx" else ".torchscript.pt"))
     result = export.export_model(model, out, fmt, arch=arch, classes=["a", "b", "c"], img_size=size,
                                  mean=IMAGENET_MEAN, std=IMAGENET_STD, dynamic_batch=True)
-    assert result.max_abs_diff <= result.allowed and result.batch_sizes == [1, 1, 3]
+    assert result.max_abs_diff <= result.allowed and result.batch_sizes == [1, 3]
     logits = exported.load_exported(out, device="cpu")(torch.zeros(2, 3, size, size, dtype=torch.uint8))
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     return result
@@ -287,6 +288,17 @@ def test_family_exports_to_onnx(family, tmp_path):
 def test_channel_shuffle_and_conv_heads_trace_to_torchscript(arch, tmp_path):
     # channel shuffle reshapes by the batch size; the trace must keep it symbolic (batch 3 is verified)
     assert _export_fresh(arch, 32, "torchscript", tmp_path).max_abs_diff == 0.0
+
+
+def test_fixed_batch_export_lists_each_batch_size_once(tmp_path):
+    # issue 17: a fixed-batch export verified two batch-1 inputs and reported "batch sizes 1, 1"
+    torch.manual_seed(0)
+    model = get_model("squeezenet1_1", num_classes=3).eval()
+    result = export.export_model(model, tmp_path / "m.torchscript.pt", "torchscript", arch="squeezenet1_1",
+                                 classes=["a", "b", "c"], img_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    assert result.batch_sizes == [1]
+    meta = json.loads(exported.sidecar_path(tmp_path / "m.torchscript.pt").read_text())
+    assert meta["verification"]["batch_sizes"] == [1]
 
 
 def test_export_error_is_a_cnntrain_error():

@@ -74,6 +74,27 @@ def test_list_models_pattern():
     assert list_models("no-such-model") == []
 
 
+def test_list_models_sorts_numbers_naturally():
+    # issue 17: digit runs compare as numbers, so resnet101 no longer precedes resnet18
+    assert list_models("resnet*") == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+    assert list_models("efficientnet_b*") == [f"efficientnet_b{i}" for i in range(8)]
+    assert list_models("vit_b_*") == ["vit_b_16", "vit_b_32"]
+    everything = list_models()
+    assert everything.index("vgg11") < everything.index("vgg16") and len(set(everything)) == len(everything)
+
+
+def test_stats_cache_logs_once_before_counting():
+    # issue 17: the first `cnntrain models` must say why it is slow; a cached call says nothing
+    from cnntrain.models.stats import model_stats_cached
+
+    lines: list[str] = []
+    first = model_stats_cached(["squeezenet1_1"], 64, log=lines.append)
+    assert len(lines) == 1 and "1 architecture" in lines[0] and "64 px" in lines[0] and "cached in" in lines[0]
+    again: list[str] = []
+    assert model_stats_cached(["squeezenet1_1"], 64, log=again.append) == first
+    assert again == []
+
+
 def test_model_info_reports_weights_and_accuracy():
     info = model_info("resnet50")
     assert info["pretrained"] and info["weights"].startswith("resnet50-") and info["top1"] > 75

@@ -7,6 +7,7 @@ replaces the head, because torchvision builders refuse ``num_classes != 1000`` w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,13 +138,15 @@ def model_info(name: str) -> dict[str, Any]:
     return info
 
 
-def model_rows(pattern: str | None = None, img_size: int = 224) -> list[dict[str, Any]]:
+def model_rows(pattern: str | None = None, img_size: int = 224,
+               log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """What `cnntrain models` lists: ``model_info`` of each architecture matching ``pattern``
-    plus its parameters (millions) and GMACs at ``img_size``, counted once and cached."""
+    plus its parameters (millions) and GMACs at ``img_size``, counted once and cached
+    (``log`` hears one line before a first, slow count)."""
     names = list_models(pattern)
     if not names:
         raise CnnTrainError(f"no architecture matches {pattern!r}; run `cnntrain models` for the full list")
-    stats = model_stats_cached(names, img_size)
+    stats = model_stats_cached(names, img_size, log=log)
     return [
         {**model_info(name), "params_m": round(stats[name]["params_m"], 3), "gmacs": round(stats[name]["gmacs"], 3),
          "macs_img_size": stats[name]["img_size"]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,9 +179,15 @@ def suggest(name: str, n: int = 4) -> list[str]:
     return list(dict.fromkeys([*same, *begun, *fuzzy]))[:n]
 
 
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key comparing digit runs as numbers: resnet18 < resnet50 < resnet101, vit_b_16 < vit_b_32."""
+    return [(1, int(part)) if part.isdigit() else (0, part) for part in re.split(r"(\d+)", name) if part]
+
+
 def list_models(pattern: str | None = None) -> list[str]:
-    """Sorted registered names, optionally filtered by a glob (``resnet*``) or substring."""
-    names = sorted(_REGISTRY)
+    """Registered names in natural order (resnet18 before resnet101), optionally filtered by a glob
+    (``resnet*``) or substring."""
+    names = sorted(_REGISTRY, key=lambda n: (_natural_key(n), n))
     if not pattern:
         return names
     if any(ch in pattern for ch in "*?["):

@@ -9,6 +9,8 @@ change with the library versions, so they are cached (``model_stats_cached``) an
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -63,15 +65,36 @@ def _stats_cache_path() -> Path:
     return model_stats_dir() / f"{key}.json"
 
 
-def model_stats_cached(names: list[str], img_size: int = 224) -> dict[str, dict[str, float]]:
-    """``model_stats`` for many models, remembered across calls (keyed by library versions)."""
+def _progress(names: list[str]) -> list[str] | Iterator[str]:
+    """``names``, wrapped in a tqdm bar on stderr when it is a terminal and there are several."""
+    try:
+        interactive = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        interactive = False
+    if not interactive or len(names) < 2:
+        return names
+    from tqdm import tqdm
+
+    return iter(tqdm(names, desc="counting", unit="model", file=sys.stderr, leave=False, dynamic_ncols=True))
+
+
+def model_stats_cached(names: list[str], img_size: int = 224,
+                       log: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+    """``model_stats`` for many models, remembered across calls (keyed by library versions).
+
+    When some are missing, ``log`` (if given) is called once before counting, since the first
+    count of the whole zoo takes tens of seconds; a tqdm bar follows on stderr when it is a terminal.
+    """
     path = _stats_cache_path()
     try:
         cache = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cache = {}
     missing = [n for n in names if f"{n}@{img_size}" not in cache]
-    for name in missing:
+    if missing and log is not None:
+        log(f"counting parameters and MACs of {len(missing)} architecture{'s' if len(missing) != 1 else ''} "
+            f"at {img_size} px: a one-time cost, cached in {path} for later calls")
+    for name in _progress(missing):
         cache[f"{name}@{img_size}"] = model_stats(name, img_size)
     if missing:
         try:
