@@ -219,6 +219,12 @@ def point_latest(run: Path) -> None:
         fileio.atomic_write_text(link, run.name + "\n")
 
 
+def newest_first(project: str | Path, name: str) -> list[Path]:
+    """Every run's ``name`` (best.pt, last.pt) in ``project``, most recently written first."""
+    found = [p for p in Path(project).glob(f"*/{name}") if p.parent.name != "latest"]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def latest_run(project: str | Path = "runs") -> Path | None:
     """The run ``project/latest`` names, as ``project/NAME`` (so messages show the path a user knows)."""
     link = Path(project) / "latest"
@@ -257,8 +263,7 @@ def resolve_weights(weights: str | Path | None, project: str | Path = "runs") ->
         raise UsageError(f"no --weights given and no trained run in {project}/; train one with `cnntrain train` "
                          "or pass --weights CKPT")
     if not (run / "best.pt").is_file():
-        others = sorted((p for p in Path(project).glob("*/best.pt") if p.parent.name != "latest"),
-                        key=lambda p: p.stat().st_mtime, reverse=True)
+        others = newest_first(project, "best.pt")
         example = others[0] if others else Path(project) / "NAME" / "best.pt"
         raise UsageError(f"no --weights given and the latest run, {run}, has no best.pt yet (it stopped before "
                          f"its first epoch ended, or is still in it); resume it with `cnntrain train --resume "

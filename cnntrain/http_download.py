@@ -98,13 +98,11 @@ def _stream(url: str, dest: Path, *, sha256: str | None, size: int | None, timeo
     except urllib.error.HTTPError as err:
         err.close()
         gone = " (the file is not there: check the URL or --mirror)" if err.code in (404, 410) else ""
-        raise FetchError(f"{host} answered HTTP {err.code} {err.reason}{gone}") from err
-    except urllib.error.URLError as err:
-        raise FetchError(_describe_unreachable(err.reason, url, timeout)) from err
+        raise FetchError(describe_failure(err, url) + gone) from err
     except ValueError as err:  # no scheme, malformed URL
         raise FetchError(f"{url!r} is not a usable URL ({err})") from err
-    except (OSError, http.client.HTTPException) as err:  # timeout or reset before the headers
-        raise FetchError(_describe_unreachable(err, url, timeout)) from err
+    except (OSError, http.client.HTTPException) as err:  # unreachable, or a timeout or reset before the headers
+        raise FetchError(describe_failure(err, url, timeout)) from err
 
     with response:
         length = size if size is not None else _content_length(response)

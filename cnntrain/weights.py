@@ -327,6 +327,8 @@ def list_cached(dest_dir: str | os.PathLike[str] | None = None) -> list[dict[str
 # --- loading ------------------------------------------------------------------------------
 
 _GLOBAL_RE = re.compile(r"GLOBAL (\S+?)(?: whose| was|\s|$)")
+
+
 def safe_load(
     path: str | os.PathLike[str],
     *,

@@ -12,6 +12,7 @@ from conftest import make_image_folder
 
 from cnntrain.config import build_config
 from cnntrain.data import load_folder
+from cnntrain.errors import UsageError
 from cnntrain.train.distributed import DistContext
 from cnntrain.train.optim import OptimizerSettings, ScheduleSettings
 from cnntrain.train.pipeline import PipelineSettings, build_pipeline
@@ -108,5 +109,5 @@ def test_resume_plan_replays_a_stopped_epoch_whole_with_another_process_count(tm
     assert plan.partial_epoch(1, False, logged.append)["seen"] == 0  # only rank 0 carries the sums
     assert plan.partial_epoch(2, True, logged.append) is None and "restarting epoch 3" in logged[0]
     assert plan.describe(partial, 5).endswith("from epoch 3, step 1 of 5")
-    with pytest.raises(Exception, match="trained on classes"):
+    with pytest.raises(UsageError, match="trained on classes"):
         plan.check_classes(["a", "c"])

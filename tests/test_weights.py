@@ -313,7 +313,9 @@ def test_safe_load_damaged_files(tmp_path: Path, tiny, damage: str) -> None:
     with pytest.raises(CheckpointError) as info:
         weights.safe_load(path)
     text = _assert_one_line(info.value)
-    assert str(path) in text and "damaged" in text
+    # Checked without the path: pytest's folder for this test is itself named "...damaged...".
+    reason = {"empty": "is empty (0 bytes)", "half": "is damaged", "junk": "it is a text file"}[damage]
+    assert str(path) in text and reason in text.replace(str(path), "")
 
 
 def test_safe_load_missing_and_good(tmp_path: Path, tiny) -> None:

@@ -51,7 +51,7 @@ class Phases:
             self.frozen = False
             self.train_model = self.wrap(self.model)
             self.log(f"epoch {epoch}: unfreezing all layers")
-        if self.frozen and self.features is not None and self.head_model is not None:
+        if self.frozen and self.head_model is not None:  # set exactly when features were cached
             return self._feature_phase(self.head_model)
         pipe = self.pipeline
         prepare = (lambda m: keep_frozen_bn_eval(self.model, self.head)) if self.frozen else None

@@ -130,8 +130,7 @@ def auto_plan(project: str) -> ResumePlan:
     else:
         passed_over = f"{project}/latest names no run"
     seen = {(latest / "last.pt").resolve()} if latest is not None else set()
-    candidates = [p for p in Path(project).glob("*/last.pt") if p.parent.name != "latest"]
-    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+    for path in checkpoint.newest_first(project, "last.pt"):
         if path.resolve() in seen:
             continue
         try:
