@@ -40,6 +40,7 @@ from cnntrain.choices import (
     PREDICT_FORMATS,
     SCHEDULES,
 )
+from cnntrain.cli_group import CnnTrainGroup
 from cnntrain.config import TrainConfig
 from cnntrain.errors import CnnTrainError, UsageError, first_line
 
@@ -50,6 +51,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=CnnTrainGroup,
 )
 # Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns; logs can be wider.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -142,16 +144,18 @@ def root(
 
 @command()
 def models(
-    pattern: Annotated[str | None, typer.Argument(help="Glob or substring, e.g. 'resnet*' or 'shuffle'.")] = None,
+    pattern: Annotated[str | None, typer.Argument(metavar="PATTERN", help="Glob or substring, e.g. 'resnet*' or 'shuffle'.")] = None,
     fmt: Annotated[str, typer.Option("--format", help=f"{one_of(MODELS_FORMATS)}.")] = "table",
 ) -> None:
     """List architectures: family, parameters, GMACs at 224x224, ImageNet weights and top-1."""
     check_choice("--format", fmt, MODELS_FORMATS)
     from cnntrain.models import model_rows
 
-    rows = model_rows(pattern, log=lambda s: err.print(escape(s)))  # stderr: --format json stays parseable
-    if fmt == "json":
-        print(json.dumps(rows, indent=2))
+    rows = model_rows(pattern, log=lambda s: err.print(escape(s)))  # stderr: --format json/csv stay parseable
+    if fmt != "table":
+        from cnntrain.rows import format_rows
+
+        print(format_rows(rows, fmt), end="")
         return
     from rich.table import Table
 
@@ -181,7 +185,7 @@ _AUGS = ", ".join(a for a in AUGMENTATIONS if a != "none")
 @command(no_args_is_help=False)
 def train(
     data_path: Annotated[Path | None, Data("--data-path", "--data", help="ImageFolder root: one sub-folder per class (or train/ + val/).")] = None,
-    dataset: Annotated[str | None, Data(help="Built-in dataset: shapes (offline), flowers, cifar10, cifar100.")] = None,
+    dataset: Annotated[str | None, Data(help="Built-in dataset: shapes (offline; the default, trained from scratch at its own 64 px unless options say otherwise), flowers, cifar10, cifar100.")] = None,
     val_split: Annotated[float | None, Data(help=f"Held-out fraction per class when DIR is not pre-split {default('val_split')}.")] = None,
     img_size: Annotated[int | None, Data(help=f"Training crop size {default('img_size')}.")] = None,
     aug: Annotated[str | None, Data(help=f"Extra augmentation, comma-separated: {_AUGS}; 'none' = deterministic.")] = None,
@@ -274,7 +278,7 @@ def _weights_or_latest(weights: Path | None, project: str) -> Path:
 
 @command()
 def predict(
-    inputs: Annotated[list[str], typer.Argument(help="Images, folders or globs (quote globs: 'imgs/*.jpg').")],
+    inputs: Annotated[list[str], typer.Argument(metavar="IMAGE", help="Images, folders or globs (quote globs: 'imgs/*.jpg').")],
     weights: Annotated[Path | None, Opt(help="Checkpoint, or an export from `cnntrain export` (.onnx, or TorchScript) with its .json sidecar (default: best.pt of runs/latest).")] = None,
     topk: Annotated[int, Opt(help="Classes to show per image.")] = 5,
     fmt: Annotated[str, Opt("--format", help=f"{one_of(PREDICT_FORMATS)}.")] = "table",
@@ -331,7 +335,7 @@ def eval_(
     project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
 ) -> None:
     """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix of a checkpoint."""
-    from cnntrain.evaluation import evaluate_checkpoint, format_report
+    from cnntrain.evaluation import evaluate_checkpoint, format_report, report_csv
 
     check_choice("--format", fmt, EVAL_FORMATS)
     check_choice("--split", split, EVAL_SPLITS)
@@ -340,6 +344,8 @@ def eval_(
                                  log=lambda s: err.print(escape(s)))
     if fmt == "json":
         print(json.dumps(report, indent=2))
+    elif fmt == "csv":
+        print(report_csv(report), end="")
     else:
         format_report(report, out)
 
@@ -367,7 +373,8 @@ def bench(
     gpu_decode: Annotated[bool, Opt("--gpu-decode/--no-gpu-decode", help="For --pipeline on CUDA: decode and augment JPEGs on the GPU, as train --gpu-decode.")] = False,
 ) -> None:
     """Parameters, GMACs, inference/training images/s and latency per architecture; --pipeline adds data timings."""
-    from cnntrain.bench import bench_table, format_rows, parse_archs, plot_bench, run_bench
+    from cnntrain.bench import bench_table, parse_archs, plot_bench, run_bench
+    from cnntrain.rows import format_rows
 
     check_choice("--format", fmt, BENCH_FORMATS)
     rows = run_bench(parse_archs(arch), img_size=img_size, batch_size=batch_size, device=device, amp=amp,
@@ -411,7 +418,7 @@ def export(
 
 @command("download-weights")
 def download_weights(
-    archs: Annotated[list[str] | None, typer.Argument(help="Architectures whose ImageNet weights to fetch.")] = None,
+    archs: Annotated[list[str] | None, typer.Argument(metavar="ARCH", help="Architectures whose ImageNet weights to fetch.")] = None,
     all_: Annotated[bool, Opt("--all", help="Fetch the weights of every architecture that has them; goes on past failures and sums up.")] = False,
     list_: Annotated[bool, Opt("--list", help="Show what is cached (name, size, path) and exit.")] = False,
     mirror: Annotated[str | None, Opt(envvar="CNNTRAIN_WEIGHTS_MIRROR", help="Base URL of a mirror holding the same file names.")] = None,

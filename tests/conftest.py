@@ -70,6 +70,31 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+@pytest.fixture
+def config_of(runner, monkeypatch):
+    """``config_of(*argv)``: the TrainConfig ``cnntrain train ARGV`` would train with; nothing is trained."""
+    import cnntrain.train
+    from cnntrain.cli import app
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_fit(cfg, resume=None):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(cnntrain.train, "fit", fake_fit)
+
+    def run(*argv):
+        result = runner.invoke(app, ["train", *argv])
+        assert isinstance(result.exception, Stop), result.output
+        return seen["cfg"]
+
+    return run
+
+
 # --- loopback HTTP server (127.0.0.1 only) --------------------------------------------------
 
 

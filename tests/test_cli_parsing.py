@@ -1,0 +1,47 @@
+"""How the command line is parsed: the tutorials' `--flag False`, one-line usage errors, tidy help."""
+
+from __future__ import annotations
+
+import pytest
+
+from cnntrain.cli import app
+
+
+@pytest.mark.parametrize("spelling, expected", [
+    (["--freeze-layers", "False"], False),
+    (["--freeze-layers", "True"], True),
+    (["--freeze-layers=false"], False),
+    (["--freeze-layers=yes"], True),
+    (["--no-freeze-layers", "false"], True),
+])
+def test_boolean_flags_take_the_tutorials_true_false(config_of, spelling, expected):
+    cfg = config_of("--dataset", "shapes", "--freeze-layers", *spelling)
+    assert cfg.freeze_layers is expected
+
+
+def test_false_for_a_flag_without_a_no_form_leaves_it_off(config_of):
+    cfg = config_of("--dataset", "shapes", "--exist-ok", "False", "--amp", "off", "--epochs", "3")
+    assert cfg.exist_ok is False and cfg.amp is False and cfg.epochs == 3
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train", "--bogus"], "No such option: --bogus"),
+    (["train", "--epochs", "many"], "'--epochs'"),
+    (["predict"], "Missing argument 'IMAGE'"),
+    (["train", "--freeze-layers", "maybe"], "unexpected extra argument"),
+    (["nonsense"], "No such command"),
+])
+def test_typer_usage_errors_are_one_line_exit_2(runner, argv, says):
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and "╭" not in line and line.startswith("error:"), result.stderr
+    assert says in line and "--help" in line
+
+
+def test_help_shows_no_typer_type_names_for_flags_and_arguments(runner):
+    for command in ("train", "predict", "download-weights", "models"):
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        assert "<bool>" not in text and "<list[str]>" not in text and "{" not in text, text
+    usage = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "200"}).output
+    assert "cnntrain predict [OPTIONS] IMAGE..." in usage
