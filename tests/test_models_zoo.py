@@ -2,7 +2,10 @@
 
 The registry is parametrised over, so a newly registered model is tested without touching
 this file. One small member of each family runs in every tier; the other members (about 55, over a
-minute on two idle cores, several when they are busy) and the giants are in the `slow` group, which CI runs.
+minute on two idle cores, several when they are busy) are in the `slow` group, which CI runs. The
+giants (up to 630M parameters: three minutes of CI for the code their small relatives already ran)
+are built and stepped on the meta device: every shape, the head swap and the gradient reaching
+each parameter are checked, with no memory and no arithmetic.
 """
 
 from __future__ import annotations
@@ -33,7 +36,22 @@ REPRESENTATIVE = {
 
 def _params(name: str):
     fast = set(REPRESENTATIVE.values()) - GIANT
-    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in list_models() if n.startswith(name)]
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in list_models()
+            if n.startswith(name) and n not in GIANT]
+
+
+@pytest.fixture
+def regnet_widths_on_the_cpu(monkeypatch):
+    """torchvision computes a RegNet's widths with tensors and reads them back: not on meta."""
+    from torchvision.models.regnet import BlockParams
+
+    compute = BlockParams.from_init_params.__func__
+
+    def on_cpu(cls, *args, **kwargs):
+        with torch.device("cpu"):
+            return compute(cls, *args, **kwargs)
+
+    monkeypatch.setattr(BlockParams, "from_init_params", classmethod(on_cpu))
 
 
 def test_every_family_has_a_small_representative():
@@ -52,20 +70,30 @@ def test_every_torchvision_classifier_is_registered():
     assert all(get_spec(n).source == "cnntrain" for n in own)
 
 
-@pytest.mark.parametrize("name", _params(""))
-def test_builds_and_trains_one_step(name):
+def _one_step(name: str, device: str) -> torch.Tensor:
     torch.manual_seed(0)
-    model = get_model(name, num_classes=7)
+    with torch.device(device):
+        model = get_model(name, num_classes=7)
     size = max(64, get_spec(name).min_size)
     model.train()
-    x = torch.randn(2, 3, size, size)
-    out = model(x)
+    out = model(torch.randn(2, 3, size, size, device=device))
     assert out.shape == (2, 7)
-    assert torch.isfinite(out).all()
     out.float().logsumexp(1).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing[:5]
     assert find_head(model, 7)
+    return out
+
+
+@pytest.mark.parametrize("name", _params(""))
+def test_builds_and_trains_one_step(name):
+    assert torch.isfinite(_one_step(name, "cpu")).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(GIANT))
+def test_giants_build_and_step_on_the_meta_device(name, regnet_widths_on_the_cpu):
+    assert _one_step(name, "meta").is_meta
 
 
 def test_list_models_pattern():
