@@ -14,9 +14,7 @@ each is the median of ``runs`` measurements after a warm-up.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import logging
 import os
 import statistics
 import time
@@ -26,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils import benchmark
 
 from cnntrain.errors import CnnTrainError, UsageError
 
@@ -45,6 +42,20 @@ def parse_archs(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _timer(fn: Callable[[], Any]) -> Any:
+    """``torch.utils.benchmark.Timer`` for ``fn``. Importing it imports torch's C++-extension
+    builder, which on a machine without CUDA logs "No CUDA runtime is found": noise about
+    compiling extensions, which bench never does, so that one logger is quiet for the import."""
+    ext_log = logging.getLogger("torch.utils.cpp_extension")
+    level = ext_log.level
+    ext_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        ext_log.setLevel(level)
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+
+
 def _median_seconds(fn: Callable[[], Any], runs: int, target: float = 0.2) -> float:
     """Median seconds per call of ``fn`` over ``runs`` blocks, after a warm-up."""
     fn()  # first call: allocations, cudnn autotuning, lazy init
@@ -52,7 +63,7 @@ def _median_seconds(fn: Callable[[], Any], runs: int, target: float = 0.2) -> fl
     fn()
     once = max(time.perf_counter() - start, 1e-6)
     number = max(1, min(100, int(target / once)))  # cheap calls are grouped into blocks of ~target s
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer = _timer(fn)
     return statistics.median(timer.timeit(number).median for _ in range(runs))
 
 
@@ -267,20 +278,6 @@ def run_bench(archs: Sequence[str], *, img_size: int = 224, batch_size: int = 32
         rows.append(row)
         del model
     return rows
-
-
-def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
-    """``json`` (a list of dicts) or ``csv`` (a header, one row per architecture; lists joined by ';')."""
-    if fmt == "json":
-        return json.dumps(rows, indent=2) + "\n"
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ";".join(f"{v:.4g}" for v in val) if isinstance(val, list) else val
-                         for k, val in r.items()})
-    return buf.getvalue()
 
 
 def bench_table(rows: list[dict[str, Any]]):

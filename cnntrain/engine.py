@@ -219,7 +219,7 @@ class EvalResult:
 
     loss: float
     acc: float
-    top5: float
+    top5: float | None  # None with 5 classes or fewer, where every answer is in the top 5
     images: int
     seconds: float
     confusion: ConfusionMatrix
@@ -268,7 +268,7 @@ def evaluate(
     return EvalResult(
         loss=loss_sum / seen if seen else math.nan,
         acc=top1 / seen if seen else math.nan,
-        top5=top5 / seen if seen else math.nan,
+        top5=(top5 / seen if seen else math.nan) if num_classes > 5 else None,
         images=seen,
         seconds=time.perf_counter() - start,
         confusion=matrix,

@@ -125,13 +125,26 @@ def _names(names: list[str], limit: int = 10) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def report_csv(report: dict[str, Any]) -> str:
+    """The report as ``metric,class,value`` lines: the overall figures (class empty), then each
+    scored class's precision, recall, F1 and support; one shape that awk and pandas both read."""
+    from cnntrain.rows import to_csv
+
+    rows = [{"metric": key, "class": "", "value": report[key]} for key in ("loss", "top1", "top5", "macro_f1")
+            if report[key] is not None]
+    rows.append({"metric": "images", "class": "", "value": report["images"]})
+    rows += [{"metric": metric, "class": row["class"], "value": row[metric]}
+             for row in report["per_class"] for metric in ("precision", "recall", "f1", "support")]
+    return to_csv(rows, columns=("metric", "class", "value"))
+
+
 def format_report(report: dict[str, Any], console: Console) -> None:
     console.print(f"{report['arch']} on {report['data']} ({report['split']}, {report['images']} images)")
     if report["unreadable"]:
         console.print(f"[yellow]skipped {len(report['unreadable'])} unreadable image(s): "
                       + ", ".join(u["path"] for u in report["unreadable"][:5]) + "[/]")
-    console.print(f"loss {report['loss']:.4f}   top-1 {report['top1']:.4f}   top-5 {report['top5']:.4f}   "
-                  f"macro-F1 {report['macro_f1']:.4f}")
+    top5 = f"top-5 {report['top5']:.4f}   " if report["top5"] is not None else ""
+    console.print(f"loss {report['loss']:.4f}   top-1 {report['top1']:.4f}   {top5}macro-F1 {report['macro_f1']:.4f}")
     table = Table(title="per class")
     for col in ("class", "precision", "recall", "F1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")

@@ -107,12 +107,15 @@ def plot_confusion_matrix(
     path: str | os.PathLike[str],
     normalize: bool = True,
     title: str | None = None,
+    epoch: int | None = None,
 ) -> Path:
     """Heatmap of true (rows) against predicted (columns) classes; returns the PNG path.
 
     With ``normalize`` each row is divided by its total, so the diagonal reads as per-class
-    recall and rare classes are as visible as common ones (a row with no samples stays 0).
-    Cells are annotated when there are at most 20 classes; tick labels are dropped above 100.
+    recall and rare classes are as visible as common ones (a row with no samples stays 0);
+    each cell then shows its count under the fraction, because 1.00 of 2 images and 1.00 of
+    200 are not the same evidence. Cells are annotated when there are at most 20 classes; tick
+    labels are dropped above 100. The title says how many images (and which ``epoch``) it sums.
     """
     counts = torch.as_tensor(matrix).detach().to("cpu", torch.float64).numpy()
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
@@ -128,7 +131,9 @@ def plot_confusion_matrix(
         values = counts
         vmax = max(float(counts.max(initial=0.0)), 1.0)
     if title is None:
-        title = "Confusion matrix (normalised by true class)" if normalize else "Confusion matrix"
+        what = f"{int(counts.sum()):,} images" + (f", epoch {epoch}" if epoch is not None else "")
+        title = f"Confusion matrix, {what}" + ("\n(colour and upper number: fraction of the true class)"
+                                               if normalize else "")
 
     side = min(max(5.0, 0.45 * n + 3.0), 30.0)
     fig = new_figure(side + 1.2, side)
@@ -155,7 +160,8 @@ def plot_confusion_matrix(
         for i in range(n):
             for j in range(n):
                 v = values[i, j]
-                text = f"{v:.2f}" if normalize else f"{int(round(v))}"
+                count = int(round(counts[i, j]))
+                text = f"{v:.2f}\n{count}" if normalize else f"{count}"
                 colour = "white" if v > threshold else "black"
                 ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8)
     return save_png(fig, path)

@@ -11,9 +11,7 @@ image loading, batching and rows are the same, so both give the same predictions
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import json
 import os
 from collections.abc import Callable
@@ -147,12 +145,12 @@ def format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
     """JSON (one object per image) or CSV (one row per image and rank) for scripts."""
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["path", "rank", "class", "prob", "error"])
+    from cnntrain.rows import to_csv
+
+    lines: list[dict[str, Any]] = []
     for r in rows:
         if r["error"]:
-            writer.writerow([r["path"], "", "", "", r["error"]])
-        for rank, p in enumerate(r["predictions"], start=1):
-            writer.writerow([r["path"], rank, p["class"], f"{p['prob']:.6f}", ""])
-    return buf.getvalue()
+            lines.append({"path": r["path"], "error": r["error"]})
+        lines += [{"path": r["path"], "rank": rank, "class": p["class"], "prob": f"{p['prob']:.6f}"}
+                  for rank, p in enumerate(r["predictions"], start=1)]
+    return to_csv(lines, columns=("path", "rank", "class", "prob", "error"))

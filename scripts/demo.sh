@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine, offline: set up .venv, train a small network from scratch on
-# the built-in `shapes` dataset (about a minute on 2 CPU cores), then predict a held-out image.
+# the built-in `shapes` dataset (about two minutes on 2 CPU cores), then predict a held-out image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_venv.sh

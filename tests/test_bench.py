@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -91,3 +94,14 @@ def test_bench_usage_errors(runner, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.integration
+def test_bench_prints_no_cuda_runtime_warning_on_a_cpu_machine(tmp_path):
+    """torch's extension builder warns "No CUDA runtime is found" when it is imported where a CUDA_HOME
+    exists but no GPU does; bench imports it through torch.utils.benchmark and must keep it quiet."""
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    code = "from cnntrain import bench; bench._timer(lambda: None).timeit(1); import torch.utils.cpp_extension"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "No CUDA runtime" not in done.stderr

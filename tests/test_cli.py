@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import io
@@ -47,6 +48,14 @@ def test_models_json(runner):
     assert r50["params_m"] == pytest.approx(25.557, abs=0.01)
     assert r50["gmacs"] == pytest.approx(4.09, abs=0.05)
     assert r50["pretrained"] and r50["top1"] == pytest.approx(80.858) and r50["source"] == "torchvision"
+
+
+def test_models_csv_has_a_header_and_a_line_per_architecture(runner):
+    result = runner.invoke(app, ["models", "resnet*", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["name"] for r in rows] == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+    assert float(rows[2]["params_m"]) == pytest.approx(25.557, abs=0.01) and rows[2]["source"] == "torchvision"
 
 
 def test_models_table_and_no_match(runner):

@@ -42,7 +42,7 @@ def test_seed_recipes_match_the_tutorials():
 
 def test_precedence_defaults_file_command_line(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("epochs: 7\nbatch-size: 4\nlr: 0.5\n")
+    path.write_text("data-path: photos\nepochs: 7\nbatch-size: 4\nlr: 0.5\n")
     cfg = build_config(load_yaml(path), {"lr": 0.1})
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.opt) == (7, 4, 0.1, TrainConfig().opt)
 
@@ -125,8 +125,9 @@ def test_warmup_then_cosine():
 
 def test_nesterov_default_and_off():
     model = torch.nn.Linear(2, 2)
-    assert build_optimizer(model, build_config().pick(OptimizerSettings)).defaults["nesterov"] is True
-    plain = build_config(overrides={"nesterov": False}).pick(OptimizerSettings)
+    photos = {"data_path": "photos"}  # (no data at all is `shapes`, which trains with AdamW)
+    assert build_optimizer(model, build_config(photos).pick(OptimizerSettings)).defaults["nesterov"] is True
+    plain = build_config(photos, overrides={"nesterov": False}).pick(OptimizerSettings)
     assert build_optimizer(model, plain).defaults["nesterov"] is False
 
 

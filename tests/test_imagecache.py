@@ -380,3 +380,16 @@ def test_gpu_decode_needs_cuda():
     assert use_gpu_decode(False, "cpu", lines.append) is False and lines == []
     assert use_gpu_decode(True, "cpu", lines.append) is False
     assert len(lines) == 1 and "CUDA" in lines[0]
+
+
+def test_the_cache_line_says_what_the_resize_did():
+    from cnntrain.data.imagecache import _size_note
+
+    def entries(*sizes):
+        return torch.tensor([[0, h, w, 0] for h, w in sizes], dtype=torch.int64)
+
+    kept = "kept at their own size (short side up to 64px, within the 256px limit)"
+    assert _size_note(entries((64, 64), (64, 80)), 256) == kept
+    assert _size_note(entries((256, 300), (400, 256)), 256) == "shrunk to a short side of 256px"
+    mixed = _size_note(entries((256, 300), (64, 64), (-1, 0)), 256)  # the unreadable one is not counted
+    assert mixed.startswith("1 shrunk to a short side of 256px, 1 smaller")

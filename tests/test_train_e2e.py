@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -121,17 +122,26 @@ def test_eval_json_and_plot(trained, runner, image_folder, tmp_path):
                                  "--format", "json", "--plot", str(plot), "--workers", "0", "--split", "all"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    # top-1 counted by hand from predict's answers for the same 36 images; top-5 of 3 classes must be 1.0
+    # top-1 counted by hand from predict's answers for the same 36 images; no top-5 for 3 classes
     result = runner.invoke(app, ["predict", str(image_folder), "--weights", str(run / "best.pt"), "--format", "json",
                                  "--topk", "1", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     hits = sum(Path(r["path"]).parent.name == r["predictions"][0]["class"] for r in rows)
     assert report["images"] == len(rows) == 36
-    assert report["top1"] == pytest.approx(hits / 36) and report["top5"] == 1.0
+    assert report["top1"] == pytest.approx(hits / 36) and report["top5"] is None
     assert [r["class"] for r in report["per_class"]] == ["blue", "green", "red"]
     assert sum(r["support"] for r in report["per_class"]) == 36
     assert plot.stat().st_size > 0
+    as_csv = runner.invoke(app, ["eval", "--weights", str(run / "best.pt"), "--data-path", str(image_folder),
+                                 "--format", "csv", "--workers", "0", "--split", "all"])
+    assert as_csv.exit_code == 0, as_csv.output
+    lines = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    overall = {r["metric"]: float(r["value"]) for r in lines if not r["class"]}
+    assert overall["top1"] == pytest.approx(report["top1"]) and overall["images"] == 36
+    assert overall["macro_f1"] == pytest.approx(report["macro_f1"])
+    recall = {r["class"]: float(r["value"]) for r in lines if r["metric"] == "recall"}
+    assert recall == pytest.approx({r["class"]: r["recall"] for r in report["per_class"]})
 
 
 def test_eval_top1_and_top5_match_predict_with_seven_classes(runner, tmp_path):

@@ -70,6 +70,8 @@ def test_latest_is_the_run_last_started_and_resume_auto_continues_it(runner, dat
         handle.remove()
     intr = tmp_path / "runs" / "intr"
     assert checkpoint.latest_run(project).resolve() == intr.resolve()
+    # its first epoch is drawn on the interrupt: no need to resume it to see how it went
+    assert (intr / "learning_curves.png").stat().st_size and (intr / "confusion_matrix.png").stat().st_size
     predicted = runner.invoke(app, ["predict", str(next(data.glob("red/*"))), "--project", project])
     assert predicted.exit_code == 0, predicted.output
     assert str(intr / "best.pt") in predicted.stderr

@@ -392,5 +392,19 @@ def build_image_cache(
         notes.append(f"{uncached:,} read from their files")
     extra = f" ({', '.join(notes)})" if notes else ""
     log(f"image cache: {how}, {format_bytes(cache.nbytes)}, {len(cache):,} images{extra}, "
-        f"short side {short_side}px, {time.perf_counter() - started:.1f}s")
+        f"{_size_note(cache.entries, short_side)}, {time.perf_counter() - started:.1f}s")
     return cache
+
+
+def _size_note(entries: torch.Tensor, short_side: int) -> str:
+    """What the resize did: images are only ever shrunk, so small ones keep their own size."""
+    stored = entries[entries[:, 1] > 0][:, 1:3]
+    if not len(stored):
+        return f"short side up to {short_side}px"
+    shorts = stored.min(dim=1).values
+    shrunk = int((shorts == short_side).sum())
+    if shrunk == len(shorts):
+        return f"shrunk to a short side of {short_side}px"
+    if shrunk == 0:
+        return f"kept at their own size (short side up to {int(shorts.max())}px, within the {short_side}px limit)"
+    return f"{shrunk:,} shrunk to a short side of {short_side}px, {len(shorts) - shrunk:,} smaller kept at their size"

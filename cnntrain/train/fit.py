@@ -61,8 +61,8 @@ from cnntrain.train.pipeline import PipelineSettings, build_pipeline
 from cnntrain.train.progress import Reporter
 from cnntrain.train.resume import ResumePlan, load_plan
 from cnntrain.train.run_model import RunModel, build_run_model, place, wrapper
-from cnntrain.train.runfiles import MetricsCsv, finish, write_run_description
-from cnntrain.train.signals import StopRequest
+from cnntrain.train.runfiles import MetricsCsv, draw_plots, finish, write_run_description
+from cnntrain.train.signals import Interrupted, StopRequest
 from cnntrain.train.splits import check_trainable, load_splits
 from cnntrain.train.state import TrainingState, TrainResult
 
@@ -145,12 +145,18 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
                                               mean=run.mean, std=run.std, config=cfg.to_dict()),
                                 enabled=ctx.is_main, world_size=ctx.world_size)
     criterion = loss.build_loss(cfg.label_smoothing)
-    stopped_early = EpochLoop(
+    loop = EpochLoop(
         phases, state, criterion, checkpointer, run.model, reporter, stop, ctx, epochs=cfg.epochs,
         batch_size=cfg.batch_size, num_classes=splits.num_classes, images=(len(splits.train), len(splits.val)),
         clip_grad=cfg.clip_grad, sync_every=1 if device.type == "cpu" else GPU_SYNC_EVERY,
         reporters=[MetricsCsv(run_dir / "metrics.csv")],
-    ).run(start_epoch, partial)
+    )
+    try:
+        stopped_early = loop.run(start_epoch, partial)
+    except Interrupted:
+        if ctx.is_main:  # the epochs so far, drawn now: the run can be judged before it is resumed
+            draw_plots(run_dir, state.history, splits.classes, loop.best_val, state.best_epoch)
+        raise
     result = TrainResult(run_dir=run_dir, best_epoch=state.best_epoch, best_metric=state.best_metric,
                          monitor=state.monitor, epochs_run=len(state.history), seconds=time.perf_counter() - started,
                          stopped_early=stopped_early, history=state.history)

@@ -55,6 +55,7 @@ class EpochLoop:
     reporters: list[EpochReporter] = field(default_factory=list)
     batch_transform: BatchTransform | None = None
     after_step: Callable[[nn.Module], None] | None = None  # after every optimiser step
+    best_val: EvalResult | None = None  # the validation of the best epoch this session, for the plots
 
     def run(self, start_epoch: int, partial: dict[str, Any] | None = None) -> bool:
         """Epochs ``start_epoch + 1`` to the last (``partial``: the sums of a stopped one); True
@@ -73,6 +74,7 @@ class EpochLoop:
             val = self.validate(phase, shown)
             row = epoch_row(shown, totals, val, lr)
             improved = self.state.end_epoch(row)
+            self.best_val = val if improved else self.best_val
             if self.ctx.is_main:
                 for reporter in self.reporters:
                     reporter.epoch_end(row, self.state.history)

@@ -60,6 +60,8 @@ def format_epoch(epoch: int, epochs: int, row: dict[str, float]) -> str:
     """One line per epoch, in the tutorial scripts' spirit: ``epoch[3/10] train_loss:0.735 ...``."""
     parts = [f"epoch[{epoch}/{epochs}]", f"train_loss:{row['train_loss']:.3f}", f"train_acc:{row['train_acc']:.3f}"]
     if row.get("val_acc") is not None:
-        parts += [f"val_loss:{row['val_loss']:.3f}", f"val_acc:{row['val_acc']:.3f}", f"val_top5:{row['val_top5']:.3f}"]
+        parts += [f"val_loss:{row['val_loss']:.3f}", f"val_acc:{row['val_acc']:.3f}"]
+        if row.get("val_top5") is not None:  # None with 5 classes or fewer
+            parts.append(f"val_top5:{row['val_top5']:.3f}")
     parts += [f"lr:{row['lr']:.2e}", f"{row['images_per_s']:.0f} img/s", f"{row['seconds']:.1f}s"]
     return " ".join(parts)

@@ -53,17 +53,25 @@ def write_run_description(run_dir: Path, config_yaml: str, classes: list[str]) -
     write_text(run_dir / "class_indices.json", json.dumps({str(i): c for i, c in enumerate(classes)}, indent=2))
 
 
+def draw_plots(run_dir: Path, history: list[dict[str, Any]], classes: list[str], best_val: EvalResult | None,
+               best_epoch: int) -> None:
+    """learning_curves.png and, given the best epoch's validation, confusion_matrix.png. Drawn when a
+    run finishes and when it is interrupted, so a stopped run can be judged before it is resumed."""
+    from cnntrain.plots import plot_confusion_matrix, plot_learning_curves
+
+    if history:
+        plot_learning_curves(history, run_dir / "learning_curves.png")
+    if best_val is not None:
+        plot_confusion_matrix(best_val.confusion.matrix, classes, run_dir / "confusion_matrix.png", epoch=best_epoch)
+
+
 def finish(result: TrainResult, best_val: EvalResult | None, splits: DatasetSplits, arch: str,
            ctx: DistContext) -> None:
     """Plots and summary.json of a finished run; ``best_val``: the best weights on the validation set."""
-    from cnntrain.plots import plot_confusion_matrix, plot_learning_curves
-
     if not ctx.is_main:
         return
     run_dir = result.run_dir
-    plot_learning_curves(result.history, run_dir / "learning_curves.png")
-    if best_val is not None:
-        plot_confusion_matrix(best_val.confusion.matrix, splits.classes, run_dir / "confusion_matrix.png")
+    draw_plots(run_dir, result.history, splits.classes, best_val, result.best_epoch)
     summary = {
         "arch": arch,
         "data": splits.description,

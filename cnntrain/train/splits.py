@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from cnntrain.config import DATASET_DEFAULTS, describe_defaults
 from cnntrain.data import DatasetSplits, load_builtin, load_folder, scan_samples
 from cnntrain.errors import DataError
 
@@ -20,7 +21,9 @@ def load_splits(data_path: str | None, dataset: str | None, *, val_split: float,
         splits = load_folder(data_path, val_split=val_split, seed=seed)
     else:
         if dataset is None:
-            info("no --data-path or --dataset given: training on the built-in offline dataset `shapes`")
+            own = describe_defaults(DATASET_DEFAULTS["shapes"])
+            info("no --data-path or --dataset given: training on the built-in offline dataset `shapes`, "
+                 f"with its own defaults where no option says otherwise ({own})")
         splits = load_builtin(dataset or "shapes", val_split=val_split, seed=seed)
     return drop_unreadable(splits, strict, warn, progress)
 
