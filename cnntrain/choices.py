@@ -14,6 +14,10 @@ AUGMENTATIONS = ("trivialaugment", "randaugment", "erasing", "none")
 #: Decoded-image cache (``--cache``); see cnntrain.data.imagecache.
 CACHE_MODES = ("auto", "ram", "disk", "none")
 LR_SCALES = ("none", "linear")
+#: How training draws its images each epoch (``--sampler``): every image once, or classes equally often.
+SAMPLERS = ("shuffle", "balanced")
+#: ``--class-weights`` besides a YAML/JSON file of class name -> weight.
+CLASS_WEIGHT_MODES = ("none", "auto")
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 #: ``--format`` of the commands that print results.
@@ -21,4 +25,5 @@ PREDICT_FORMATS = ("table", "json", "csv")
 EVAL_FORMATS = ("table", "json", "csv")
 BENCH_FORMATS = ("table", "json", "csv")
 MODELS_FORMATS = ("table", "json", "csv")
+LR_FIND_FORMATS = ("table", "json")
 EVAL_SPLITS = ("val", "train", "all")

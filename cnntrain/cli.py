@@ -34,10 +34,12 @@ from cnntrain.choices import (
     EVAL_FORMATS,
     EVAL_SPLITS,
     EXPORT_FORMATS,
+    LR_FIND_FORMATS,
     LR_SCALES,
     MODELS_FORMATS,
     OPTIMIZERS,
     PREDICT_FORMATS,
+    SAMPLERS,
     SCHEDULES,
 )
 from cnntrain.cli_group import CnnTrainGroup
@@ -193,6 +195,7 @@ def train(
     strict: Annotated[bool | None, Data("--strict/--no-strict", help=f"Any unreadable image is an error, instead of being skipped with a warning {default('strict')}.")] = None,
     cache: Annotated[str | None, Data(help=f"Decode each image once and keep it, resized, for every epoch: {one_of(CACHE_MODES)}; auto = RAM if it fits --cache-max-gb, else disk {default('cache')}.")] = None,
     cache_max_gb: Annotated[float | None, Data(help=f"RAM budget of --cache in GB {default('cache_max_gb', 'a quarter of the available memory')}.")] = None,
+    sampler: Annotated[str | None, Data(help=f"{one_of(SAMPLERS)}: every image once per epoch, or classes drawn equally often (with replacement; for imbalanced folders) {default('sampler')}.")] = None,
     gpu_decode: Annotated[bool | None, Data("--gpu-decode/--no-gpu-decode", help=f"On CUDA, decode and augment JPEGs on the GPU (nvjpeg) instead of in the loader workers; turns the image cache off {default('gpu_decode')}.")] = None,
     arch: Annotated[str | None, Model(help=f"Architecture name (see `cnntrain models`) {default('arch')}.")] = None,
     pretrained: Annotated[bool | None, Model("--pretrained/--no-pretrained", help=f"Start from ImageNet weights {default('pretrained', 'on where they exist')}.")] = None,
@@ -203,7 +206,7 @@ def train(
     epochs: Annotated[int | None, Optim(help=f"Passes over the training data {default('epochs')}.")] = None,
     batch_size: Annotated[int | None, Optim(help=f"Images per step, per process {default('batch_size')}.")] = None,
     opt: Annotated[str | None, Optim(help=f"{one_of(OPTIMIZERS)} {default('opt')}.")] = None,
-    lr: Annotated[float | None, Optim(help=f"Base learning rate {default('lr')}.")] = None,
+    lr: Annotated[str | None, Optim(help=f"Base learning rate, or auto: run the range test of `cnntrain lr-find` first and train at the rate it suggests (config.yaml keeps the number) {default('lr')}.")] = None,
     momentum: Annotated[float | None, Optim(help=f"SGD momentum {default('momentum')}.")] = None,
     nesterov: Annotated[bool | None, Optim("--nesterov/--no-nesterov", help=f"Nesterov momentum for SGD {default('nesterov')}.")] = None,
     weight_decay: Annotated[float | None, Optim(help=f"L2 penalty on the weights {default('weight_decay')}.")] = None,
@@ -214,6 +217,13 @@ def train(
     lrf: Annotated[float | None, Optim(help=f"Cosine floor as a fraction of --lr {default('lrf')}.")] = None,
     warmup_epochs: Annotated[int | None, Optim(help=f"Linear warm-up epochs {default('warmup_epochs')}.")] = None,
     label_smoothing: Annotated[float | None, Optim(help=f"Label smoothing of the loss {default('label_smoothing')}.")] = None,
+    class_weights: Annotated[str | None, Optim(help=f"Weigh each class's share of the loss: none, auto (inverse class frequency, mean 1, capped at 10) or a YAML/JSON file of class: weight {default('class_weights')}.")] = None,
+    mixup: Annotated[float | None, Optim(help=f"Mixup: blend pairs of training images, Beta(ALPHA, ALPHA), e.g. 0.2; 0 = off {default('mixup')}.")] = None,
+    cutmix: Annotated[float | None, Optim(help=f"CutMix: paste a patch of one training image into another, Beta(ALPHA, ALPHA), e.g. 1.0; 0 = off {default('cutmix')}.")] = None,
+    mix_switch_prob: Annotated[float | None, Optim(help=f"With --mixup and --cutmix: the chance a batch gets cutmix {default('mix_switch_prob')}.")] = None,
+    ema: Annotated[bool | None, Optim("--ema/--no-ema", help=f"Also validate an exponential moving average of the weights; best.pt keeps whichever scores higher {default('ema')}.")] = None,
+    ema_decay: Annotated[float | None, Optim(help=f"Decay of --ema per step, warmed up from short memory {default('ema_decay')}.")] = None,
+    backbone_lr_mult: Annotated[float | None, Optim(help=f"The backbone learns at --lr x this, the new head at --lr, e.g. 0.1 for pretrained weights {default('backbone_lr_mult')}.")] = None,
     clip_grad: Annotated[float | None, Optim(help="Clip the gradient norm to this value.")] = None,
     patience: Annotated[int | None, Optim(help="Stop after this many epochs without improvement.")] = None,
     device: Annotated[str | None, Hardware(help=f"auto, cpu, cuda, cuda:N or mps {default('device')}.")] = None,
@@ -256,6 +266,9 @@ def _print_train_summary(result: Any) -> None:
     table.add_column()
     table.add_row("best epoch", str(result.best_epoch))
     table.add_row(f"best {result.monitor}", f"{result.best_metric:.4f}")
+    if result.best_scores:
+        table.add_row("balanced acc / macro-F1", f"{result.best_scores['balanced_acc']:.4f} / "
+                                                 f"{result.best_scores['macro_f1']:.4f}")
     table.add_row("epochs run", f"{result.epochs_run}" + (" (early stop)" if result.stopped_early else ""))
     table.add_row("time", f"{result.seconds:.1f}s")
     table.add_row("run folder", str(result.run_dir))
@@ -283,6 +296,7 @@ def predict(
     topk: Annotated[int, Opt(help="Classes to show per image.")] = 5,
     fmt: Annotated[str, Opt("--format", help=f"{one_of(PREDICT_FORMATS)}.")] = "table",
     batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 32,
+    tta: Annotated[bool, Opt("--tta", help="Test-time augmentation: average the probabilities of each image and its mirror image (two forward passes).")] = False,
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
 ) -> None:
@@ -291,7 +305,7 @@ def predict(
 
     check_choice("--format", fmt, PREDICT_FORMATS)
     rows = predict_files(inputs, _weights_or_latest(weights, project), topk=topk, batch_size=batch_size,
-                         device=device)
+                         device=device, tta=tta)
     if fmt == "table":
         _print_prediction_table(rows)
     else:
@@ -330,6 +344,7 @@ def eval_(
     fmt: Annotated[str, Opt("--format", help=f"{one_of(EVAL_FORMATS)}.")] = "table",
     plot: Annotated[Path | None, Opt(help="Also write the confusion matrix as a PNG here.")] = None,
     batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 64,
+    tta: Annotated[bool, Opt("--tta", help="Also score with test-time augmentation (each image and its mirror image, probabilities averaged) and show what it changes; the plain figures stay as they are.")] = False,
     workers: Annotated[int | None, Opt(help="DataLoader worker processes.")] = None,
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
@@ -341,7 +356,7 @@ def eval_(
     check_choice("--split", split, EVAL_SPLITS)
     report = evaluate_checkpoint(_weights_or_latest(weights, project), data_path=data_path, dataset=dataset,
                                  split=split, batch_size=batch_size, workers=workers, device=device, plot=plot,
-                                 log=lambda s: err.print(escape(s)))
+                                 tta=tta, log=lambda s: err.print(escape(s)))
     if fmt == "json":
         print(json.dumps(report, indent=2))
     elif fmt == "csv":
@@ -411,6 +426,71 @@ def export(
     out.print(f"exported {result.path} ({size_mb:.1f} MB, {result.seconds:.1f}s), sidecar {result.sidecar}")
     out.print(f"verified against PyTorch on batch sizes {', '.join(map(str, result.batch_sizes))}: "
               f"max |logit difference| {result.max_abs_diff:.2e} (allowed {result.allowed:.1e})")
+
+
+# --------------------------------------------------------------------------- lr-find
+
+
+@command("lr-find", no_args_is_help=False)
+def lr_find(
+    data_path: Annotated[Path | None, Data("--data-path", "--data", help="ImageFolder root: one sub-folder per class (or train/ + val/).")] = None,
+    dataset: Annotated[str | None, Data(help="Built-in dataset: shapes (offline; the default), flowers, cifar10, cifar100.")] = None,
+    img_size: Annotated[int | None, Data(help=f"Training crop size {default('img_size')}.")] = None,
+    workers: Annotated[int | None, Data(help=f"DataLoader worker processes {default('workers', 'min(8, CPUs)')}.")] = None,
+    arch: Annotated[str | None, Model(help=f"Architecture name (see `cnntrain models`) {default('arch')}.")] = None,
+    pretrained: Annotated[bool | None, Model("--pretrained/--no-pretrained", help=f"Start from ImageNet weights {default('pretrained', 'on where they exist')}.")] = None,
+    weights: Annotated[Path | None, Model(help="Start from a cnntrain checkpoint or a plain state dict.")] = None,
+    freeze_layers: Annotated[bool | None, Model("--freeze-layers/--no-freeze-layers", help=f"Train only the classifier head {default('freeze_layers')}.")] = None,
+    batch_size: Annotated[int | None, Optim(help=f"Images per step {default('batch_size')}.")] = None,
+    opt: Annotated[str | None, Optim(help=f"{one_of(OPTIMIZERS)} {default('opt')}.")] = None,
+    momentum: Annotated[float | None, Optim(help=f"SGD momentum {default('momentum')}.")] = None,
+    weight_decay: Annotated[float | None, Optim(help=f"L2 penalty on the weights {default('weight_decay')}.")] = None,
+    start_lr: Annotated[float, Optim(help="The rate of the first step.")] = 1e-7,
+    end_lr: Annotated[float, Optim(help="The rate of the last step; the test stops sooner if the loss diverges.")] = 10.0,
+    steps: Annotated[int, Optim(help="Optimiser steps, the rate rising exponentially from --start-lr to --end-lr (the data is cycled if it has fewer batches).")] = 100,
+    device: Annotated[str | None, Hardware(help=f"auto, cpu, cuda, cuda:N or mps {default('device')}.")] = None,
+    seed: Annotated[int | None, Hardware(help=f"Random seed {default('seed')}.")] = None,
+    plot: Annotated[Path, Output(help="Where to write the loss-against-lr plot (PNG).")] = Path("lr_find.png"),
+    fmt: Annotated[str, Output("--format", help=f"{one_of(LR_FIND_FORMATS)}; json is one object (lrs, losses, smoothed, suggestion, method, diverged) on stdout.")] = "table",
+    config: Annotated[Path | None, Output("--config", help="YAML file of train options; command-line flags win.")] = None,
+) -> None:
+    """Learning-rate range test: raise the rate step by step, plot the loss, suggest a --lr for `cnntrain train`."""
+    check_choice("--format", fmt, LR_FIND_FORMATS)
+    from cnntrain.train.lr_find import check_range, lr_find_for_config
+
+    check_range(start_lr, end_lr, steps)  # before any recipe or data is read
+    from cnntrain.plots import plot_lr_find
+    from cnntrain.train import train_config
+
+    options = dict(data_path=data_path, dataset=dataset, img_size=img_size, workers=workers, arch=arch,
+                   pretrained=pretrained, weights=weights, freeze_layers=freeze_layers, batch_size=batch_size, opt=opt,
+                   momentum=momentum, weight_decay=weight_decay, device=device, seed=seed)
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
+    cfg, _ = train_config(given, config)
+    say = lambda s: err.print(escape(s))  # noqa: E731 - stderr: --format json stays parseable
+    result = lr_find_for_config(cfg, start_lr=start_lr, end_lr=end_lr, steps=steps, log=(lambda s: None) if cfg.quiet else say, warn=say)
+    written = plot_lr_find(result, plot)
+    if fmt == "json":
+        print(json.dumps(result.to_dict()))
+        err.print(f"plot: {escape(str(written))}")
+        return
+    out.print(escape(result.summary()), soft_wrap=True)
+    out.print(f"use it: {escape(_train_command(given, config, result.suggestion))}", soft_wrap=True)
+    out.print(f"plot: {escape(str(written))}", soft_wrap=True)
+
+
+def _train_command(given: dict[str, Any], config: Path | None, lr: float) -> str:
+    """``cnntrain train`` with the options lr-find was given and ``--lr``, ready to paste."""
+    import shlex
+
+    words = ["cnntrain", "train"] + (["--config", str(config)] if config is not None else [])
+    for key, value in given.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else flag.replace("--", "--no-", 1))
+        else:
+            words += [flag, str(value)]
+    return shlex.join([*words, "--lr", f"{lr:.2g}"])
 
 
 # --------------------------------------------------------------------------- download-weights

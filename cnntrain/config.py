@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cnntrain.choices import AUGMENTATIONS, CACHE_MODES, LR_SCALES, OPTIMIZERS, SCHEDULES
+from cnntrain.choices import (
+    AUGMENTATIONS,
+    CACHE_MODES,
+    CLASS_WEIGHT_MODES,
+    LR_SCALES,
+    OPTIMIZERS,
+    SAMPLERS,
+    SCHEDULES,
+)
 from cnntrain.errors import UsageError, first_line
 
 _S = TypeVar("_S")
@@ -34,6 +42,7 @@ class TrainConfig:
     cache: str = "auto"  # decoded-image cache: auto, ram, disk or none
     cache_max_gb: float | None = None  # RAM budget of the cache; None: a quarter of available memory
     gpu_decode: bool = False  # CUDA: decode and augment JPEGs on the GPU (the image cache is then off)
+    sampler: str = "shuffle"  # shuffle: every image once per epoch; balanced: classes drawn equally often
     # model
     arch: str = "resnet18"
     pretrained: bool | None = None  # None: use ImageNet weights where they exist
@@ -46,6 +55,7 @@ class TrainConfig:
     batch_size: int = 32
     opt: str = "sgd"
     lr: float = 0.01
+    lr_auto: bool = False  # --lr auto: run the LR range test first; the rate found is then saved as lr
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
@@ -56,6 +66,13 @@ class TrainConfig:
     lrf: float = 0.01
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
+    class_weights: str = "none"  # none, auto (inverse class frequency) or a YAML/JSON file of class: weight
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup on training batches; 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 = off
+    mix_switch_prob: float = 0.5  # with both: the chance a batch gets cutmix instead of mixup
+    ema: bool = False  # also keep an exponential moving average of the weights, validated beside them
+    ema_decay: float = 0.999
+    backbone_lr_mult: float = 1.0  # the backbone trains at lr x this, the new head at lr
     clip_grad: float | None = None
     patience: int | None = None
     # hardware and reproducibility
@@ -96,6 +113,14 @@ class TrainConfig:
             (self.patience is not None and self.patience < 1, "--patience must be at least 1"),
             (self.weights is not None and self.pretrained is True, "--weights FILE and --pretrained conflict"),
             (self.lr_scale not in LR_SCALES, f"--lr-scale must be one of {', '.join(LR_SCALES)}"),
+            (self.sampler not in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}"),
+            (self.mixup < 0 or self.cutmix < 0, "--mixup and --cutmix take an alpha of 0 (off) or more, e.g. 0.2"),
+            (not 0.0 <= self.mix_switch_prob <= 1.0, "--mix-switch-prob must be in [0, 1]"),
+            (not 0.0 < self.ema_decay < 1.0, "--ema-decay must be between 0 and 1, e.g. 0.999"),
+            (not self.backbone_lr_mult > 0, "--backbone-lr-mult must be positive, e.g. 0.1"),
+            (self.class_weights not in CLASS_WEIGHT_MODES and not Path(self.class_weights).is_file(),
+             f"--class-weights must be none, auto or a YAML/JSON file of class: weight; {self.class_weights!r} is "
+             "neither"),
         ]
         for bad, message in checks:
             if bad:
@@ -174,6 +199,11 @@ def build_config(file_values: Mapping[str, Any] | None = None, overrides: Mappin
                              "`cnntrain train --help`")
         values.update(layer)
     values = {**dataset_defaults(values), **values}
+    if isinstance(values.get("lr"), str) and values["lr"].strip().lower() == "auto":
+        values["lr_auto"] = True
+        del values["lr"]
+    elif "lr" in overrides:
+        values["lr_auto"] = False  # a number given now replaces a recipe's `lr: auto`
     for key in ("aug", "milestones"):
         if isinstance(values.get(key), (str, int)):
             values[key] = _split_list(values[key], int if key == "milestones" else str)

@@ -21,6 +21,7 @@ import torch.nn as nn
 from cnntrain.data.transforms import Normalize
 from cnntrain.errors import CnnTrainError
 from cnntrain.metrics import ConfusionMatrix, topk_correct
+from cnntrain.tta import average_log_probs, average_probs, view_logits
 
 StepCallback = Callable[[dict[str, float]], None]
 #: Device-side training batch -> batch (e.g. mixup); targets may become soft (N x classes).
@@ -241,35 +242,86 @@ def evaluate(
     ``reduce`` sums count tensors over the processes of a distributed run, each of which saw
     its own shard; the result is then over the whole set.
     """
+    return _evaluate(model, loader, criterion, batcher, num_classes, False, on_step, reduce)[0]
+
+
+@torch.no_grad()
+def evaluate_with_tta(
+    model: nn.Module,
+    loader: Iterable,
+    criterion: nn.Module,
+    batcher: Batcher,
+    num_classes: int,
+    *,
+    on_step: StepCallback | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[EvalResult, EvalResult]:
+    """:func:`evaluate` plainly and with test-time augmentation (:mod:`cnntrain.tta`), in one pass.
+
+    Both come from the same batches, so the loader decodes each image once and the plain result
+    is exactly what :func:`evaluate` gives. The TTA loss is the NLL of the averaged probabilities
+    (``criterion`` scores only the plain logits: a smoothed loss has no meaning for a mixture).
+    """
+    plain, tta = _evaluate(model, loader, criterion, batcher, num_classes, True, on_step, reduce)
+    assert tta is not None
+    return plain, tta
+
+
+class _Scores:
+    """Running sums of one way of scoring a set: loss, top-1/top-5 hits, confusion matrix."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.matrix = ConfusionMatrix(num_classes)
+        self.loss_sum, self.top1, self.top5, self.seen = 0.0, 0, 0, 0
+
+    def add(self, scores: torch.Tensor, loss: torch.Tensor, targets: torch.Tensor) -> None:
+        """One batch: ``scores`` rank the classes (logits or probabilities), ``loss`` is its mean."""
+        n = targets.size(0)
+        self.loss_sum += float(loss) * n
+        hits = topk_correct(scores.float(), targets, ks=(1, 5))
+        self.top1, self.top5, self.seen = self.top1 + hits[1], self.top5 + hits[5], self.seen + n
+        self.matrix.update(scores.argmax(1).cpu(), targets.cpu())
+
+    def result(self, seconds: float, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> EvalResult:
+        loss_sum, top1, top5, seen = self.loss_sum, self.top1, self.top5, self.seen
+        if reduce is not None:
+            sums = reduce(torch.tensor([loss_sum, top1, top5, seen], dtype=torch.float64))
+            loss_sum, top1, top5, seen = float(sums[0]), int(sums[1]), int(sums[2]), int(sums[3])
+            self.matrix.matrix = reduce(self.matrix.matrix)
+        return EvalResult(
+            loss=loss_sum / seen if seen else math.nan,
+            acc=top1 / seen if seen else math.nan,
+            top5=(top5 / seen if seen else math.nan) if self.num_classes > 5 else None,
+            images=seen,
+            seconds=seconds,
+            confusion=self.matrix,
+        )
+
+
+def _evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, batcher: Batcher, num_classes: int,
+              tta: bool, on_step: StepCallback | None,
+              reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[EvalResult, EvalResult | None]:
+    """The loop behind :func:`evaluate` and :func:`evaluate_with_tta`: plain scores, and with
+    ``tta`` also those of the averaged views of each device-side batch."""
     model.eval()
-    matrix = ConfusionMatrix(num_classes)
-    loss_sum, top1, top5, seen, start = 0.0, 0, 0, 0, time.perf_counter()
+    plain, augmented = _Scores(num_classes), (_Scores(num_classes) if tta else None)
+    start = time.perf_counter()
     for batch in loader:
         images, targets, _ = unpack(batch)
         if targets.numel() == 0:
             continue
         images, targets = batcher(images, targets)
         with batcher.autocast():
-            logits = model(images)
-            loss = criterion(logits, targets)
-        n = targets.size(0)
-        loss_sum += float(loss) * n
-        hits = topk_correct(logits.float(), targets, ks=(1, 5))
-        top1, top5, seen = top1 + hits[1], top5 + hits[5], seen + n
-        matrix.update(logits.argmax(1).cpu(), targets.cpu())
+            views = view_logits(model, images) if tta else [model(images)]
+            loss = criterion(views[0], targets)
+        plain.add(views[0], loss, targets)
+        if augmented is not None:  # the flip of the normalised batch = the normalised flip of the images
+            nll = nn.functional.nll_loss(average_log_probs(views), targets)
+            augmented.add(average_probs(views), nll, targets)
         if on_step is not None:
             elapsed = time.perf_counter() - start
-            on_step({"loss": loss_sum / seen, "acc": top1 / seen, "n": n,
-                     "images_per_s": seen / max(elapsed, 1e-9)})
-    if reduce is not None:
-        sums = reduce(torch.tensor([loss_sum, top1, top5, seen], dtype=torch.float64))
-        loss_sum, top1, top5, seen = float(sums[0]), int(sums[1]), int(sums[2]), int(sums[3])
-        matrix.matrix = reduce(matrix.matrix)
-    return EvalResult(
-        loss=loss_sum / seen if seen else math.nan,
-        acc=top1 / seen if seen else math.nan,
-        top5=(top5 / seen if seen else math.nan) if num_classes > 5 else None,
-        images=seen,
-        seconds=time.perf_counter() - start,
-        confusion=matrix,
-    )
+            on_step({"loss": plain.loss_sum / plain.seen, "acc": plain.top1 / plain.seen, "n": targets.size(0),
+                     "images_per_s": plain.seen / max(elapsed, 1e-9)})
+    seconds = time.perf_counter() - start
+    return plain.result(seconds, reduce), (augmented.result(seconds, reduce) if augmented is not None else None)

@@ -28,7 +28,7 @@ from cnntrain.data import (
     make_loader,
     scan_samples,
 )
-from cnntrain.engine import evaluate
+from cnntrain.engine import EvalResult, evaluate, evaluate_with_tta
 from cnntrain.errors import DataError, UsageError
 from cnntrain.metrics import classification_report
 from cnntrain.runtime import resolve_device
@@ -58,9 +58,13 @@ def data_of(ckpt: dict[str, Any], weights: str | Path, data_path: str | Path | N
 
 def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = None, dataset: str | None = None,
                         split: str = "val", batch_size: int = 64, workers: int | None = None,
-                        device: str = "auto", plot: str | Path | None = None,
+                        device: str = "auto", plot: str | Path | None = None, tta: bool = False,
                         log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Score ``weights`` on a split of ``data_path`` or ``dataset`` (neither: the checkpoint's own data)."""
+    """Score ``weights`` on a split of ``data_path`` or ``dataset`` (neither: the checkpoint's own data).
+
+    ``tta`` adds a ``"tta"`` entry: the headline figures once more with test-time augmentation
+    (:mod:`cnntrain.tta`), from the same pass, beside the plain ones it leaves untouched.
+    """
     ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
     data_path, dataset = data_of(ckpt, weights, data_path, dataset, log)
     seed = int((ckpt.get("config") or {}).get("seed", 0))
@@ -83,7 +87,11 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
     model, batcher = on_device(ckpt, dev)
     loader = make_loader(ImageDataset(samples, eval_transform(ckpt["img_size"])), batch_size=batch_size,
                          shuffle=False, workers=default_workers() if workers is None else workers, device=dev)
-    result = evaluate(model, loader, nn.CrossEntropyLoss(), batcher, len(classes))
+    with_tta: EvalResult | None = None
+    if tta:  # one pass over the loader gives both
+        result, with_tta = evaluate_with_tta(model, loader, nn.CrossEntropyLoss(), batcher, len(classes))
+    else:
+        result = evaluate(model, loader, nn.CrossEntropyLoss(), batcher, len(classes))
     matrix = result.confusion
     rows = classification_report(matrix, classes)
     scored = [row for row in rows if row["support"]]
@@ -97,17 +105,28 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
         "loss": result.loss,
         "top1": result.acc,
         "top5": result.top5,
-        "macro_f1": sum(float(row["f1"]) for row in scored) / len(scored),
+        "balanced_acc": matrix.scores()["balanced_acc"],
+        "macro_f1": matrix.scores()["macro_f1"],
         "per_class": scored,  # the classes with images in this split
         "absent_classes": [str(row["class"]) for row in rows if not row["support"]],
         "classes": classes,  # the confusion matrix's rows and columns: all the checkpoint's classes
         "confusion_matrix": matrix.matrix.tolist(),
     }
+    if with_tta is not None:
+        report["tta"] = _headline(with_tta)
     if plot is not None:
         from cnntrain.plots import plot_confusion_matrix
 
         report["plot"] = str(plot_confusion_matrix(matrix.matrix, classes, Path(plot)))
     return report
+
+
+def _headline(result: EvalResult) -> dict[str, Any]:
+    """Loss, top-1, top-5, balanced accuracy and macro-F1 of a result, defined as the report's own
+    (``scores()``), so the TTA figures and their differences from the plain ones compare like with like."""
+    scores = result.confusion.scores()
+    return {"loss": result.loss, "top1": result.acc, "top5": result.top5, "balanced_acc": scores["balanced_acc"],
+            "macro_f1": scores["macro_f1"]}
 
 
 def _label_map(data_classes: list[str], ckpt_classes: list[str]) -> list[int]:
@@ -126,16 +145,28 @@ def _names(names: list[str], limit: int = 10) -> str:
 
 
 def report_csv(report: dict[str, Any]) -> str:
-    """The report as ``metric,class,value`` lines: the overall figures (class empty), then each
-    scored class's precision, recall, F1 and support; one shape that awk and pandas both read."""
+    """The report as ``metric,class,value`` lines: the overall figures (class empty; with TTA also
+    ``tta_loss``, ``tta_top1``...), then each scored class's precision, recall, F1 and support;
+    one shape that awk and pandas both read."""
     from cnntrain.rows import to_csv
 
-    rows = [{"metric": key, "class": "", "value": report[key]} for key in ("loss", "top1", "top5", "macro_f1")
-            if report[key] is not None]
+    rows = [{"metric": key, "class": "", "value": report[key]}
+            for key in ("loss", "top1", "top5", "balanced_acc", "macro_f1") if report[key] is not None]
     rows.append({"metric": "images", "class": "", "value": report["images"]})
+    rows += [{"metric": f"tta_{key}", "class": "", "value": value}
+             for key, value in (report.get("tta") or {}).items() if value is not None]
     rows += [{"metric": metric, "class": row["class"], "value": row[metric]}
              for row in report["per_class"] for metric in ("precision", "recall", "f1", "support")]
     return to_csv(rows, columns=("metric", "class", "value"))
+
+
+def _tta_line(report: dict[str, Any]) -> str:
+    """The TTA figures, each with its change from the plain one, so the gain is read at a glance."""
+    figures = [("loss", "loss"), ("top-1", "top1"), ("top-5", "top5"), ("balanced", "balanced_acc"),
+               ("macro-F1", "macro_f1")]
+    parts = [f"{name} {report['tta'][key]:.4f} ({report['tta'][key] - report[key]:+.4f})"
+             for name, key in figures if report["tta"][key] is not None and report[key] is not None]
+    return "with --tta (flip): " + "   ".join(parts)
 
 
 def format_report(report: dict[str, Any], console: Console) -> None:
@@ -144,7 +175,10 @@ def format_report(report: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]skipped {len(report['unreadable'])} unreadable image(s): "
                       + ", ".join(u["path"] for u in report["unreadable"][:5]) + "[/]")
     top5 = f"top-5 {report['top5']:.4f}   " if report["top5"] is not None else ""
-    console.print(f"loss {report['loss']:.4f}   top-1 {report['top1']:.4f}   {top5}macro-F1 {report['macro_f1']:.4f}")
+    console.print(f"loss {report['loss']:.4f}   top-1 {report['top1']:.4f}   {top5}"
+                  f"balanced {report['balanced_acc']:.4f}   macro-F1 {report['macro_f1']:.4f}")
+    if report.get("tta"):
+        console.print(_tta_line(report))
     table = Table(title="per class")
     for col in ("class", "precision", "recall", "F1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")

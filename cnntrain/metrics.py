@@ -148,6 +148,18 @@ class ConfusionMatrix:
         f1s = [row["f1"] for row, s in zip(self.per_class(), seen) if s]
         return sum(f1s) / len(f1s) if f1s else 0.0
 
+    def scores(self) -> dict[str, float]:
+        """Accuracy, balanced accuracy and macro-F1, the last two over the classes that have samples.
+
+        On imbalanced data accuracy rewards predicting the big class; balanced accuracy (the mean
+        recall per class) and macro-F1 weigh every class alike, so the three are read together."""
+        rows = [row for row in self.per_class() if row["support"]]
+        return {
+            "acc": self.accuracy(),
+            "balanced_acc": sum(float(r["recall"]) for r in rows) / len(rows) if rows else 0.0,
+            "macro_f1": sum(float(r["f1"]) for r in rows) / len(rows) if rows else 0.0,
+        }
+
     def __repr__(self) -> str:
         return f"ConfusionMatrix(num_classes={self.num_classes}, total={self.total})"
 

@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cnntrain.fileio import atomic_open
 
-__all__ = ["plot_confusion_matrix", "plot_learning_curves"]
+__all__ = ["plot_confusion_matrix", "plot_learning_curves", "plot_lr_find"]
 
 ANNOTATE_MAX_CLASSES = 20  # above this, cell numbers become unreadable
 LABEL_MAX_CLASSES = 100  # above this, tick labels overlap whatever the font size
@@ -164,4 +164,54 @@ def plot_confusion_matrix(
                 text = f"{v:.2f}\n{count}" if normalize else f"{count}"
                 colour = "white" if v > threshold else "black"
                 ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8)
+    return save_png(fig, path)
+
+
+class LrCurve(Protocol):
+    """What :func:`plot_lr_find` draws: ``cnntrain.train.lr_find.LrFindResult`` (named by its
+    fields, so the pictures module imports nothing of the trainer)."""
+
+    @property
+    def lrs(self) -> Sequence[float]: ...
+    @property
+    def losses(self) -> Sequence[float]: ...
+    @property
+    def smoothed(self) -> Sequence[float]: ...
+    @property
+    def suggestion(self) -> float: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def diverged(self) -> bool: ...
+
+
+def plot_lr_find(result: LrCurve, path: str | os.PathLike[str]) -> Path:
+    """Training loss against the learning rate of a range test, lr on a log axis; returns the PNG path.
+
+    Each batch's loss is drawn faintly under the smoothed loss the suggestion is read from; a
+    dashed line marks the suggested rate, its value and rule in the legend. The loss axis ends a
+    little above the curve before its minimum, so the blow-up that ends a diverged test does not
+    squash the part worth reading into a flat line."""
+    lrs = np.asarray(result.lrs, dtype=np.float64)
+    losses = np.asarray(result.losses, dtype=np.float64)
+    smoothed = np.asarray(result.smoothed, dtype=np.float64)
+    fig = new_figure(8, 4.8)
+    ax = fig.subplots()
+    ax.plot(lrs, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss of each batch")
+    ax.plot(lrs, smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
+    ax.axvline(result.suggestion, color="tab:red", linestyle="--", linewidth=1.5,
+               label=f"suggested lr {result.suggestion:.2e} ({result.method})")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    if lrs.size:
+        end = "stopped early: the loss diverged" if result.diverged else f"up to {lrs[-1]:.0e}"
+        ax.set_title(f"Learning-rate range test: {lrs.size} steps from {lrs[0]:.0e}, {end}")
+        best = int(np.argmin(smoothed))
+        low = min(losses.min(), smoothed.min())
+        high = max(smoothed[: best + 1].max(), np.percentile(losses[: best + 1], 95))
+        span = (high - low) or abs(high) or 1.0
+        ax.set_ylim(low - 0.05 * span, high + 0.15 * span)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
     return save_png(fig, path)

@@ -7,6 +7,8 @@ predicted (no dropped tail batch) and an unreadable one becomes an error row, no
 ``--weights`` may also be an export (``cnntrain export``: ONNX through onnxruntime, or
 TorchScript) with its JSON sidecar; only the model behind :class:`Classifier` differs, the
 image loading, batching and rows are the same, so both give the same predictions.
+``--tta`` averages the probabilities of each image and its mirror image (:mod:`cnntrain.tta`);
+the flip is of the uint8 batch, so it works alike for checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from cnntrain.data.datasets import is_hidden, is_image_file
 from cnntrain.data.decode import TEXT_LIMIT, ImageDecodeError
 from cnntrain.errors import UsageError, first_line
 from cnntrain.runtime import resolve_device
+from cnntrain.tta import tta_probs
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
@@ -112,8 +115,9 @@ def load_classifier(weights: str | Path, device: str = "auto") -> Classifier:
 
 @torch.no_grad()
 def predict_files(inputs: list[str], weights: str | Path, *, topk: int = 5, batch_size: int = 32,
-                  device: str = "auto", workers: int | None = None) -> list[dict[str, Any]]:
-    """Top-k predictions per image, in input order; failures carry an ``error`` instead."""
+                  device: str = "auto", workers: int | None = None, tta: bool = False) -> list[dict[str, Any]]:
+    """Top-k predictions per image, in input order; failures carry an ``error`` instead
+    (``tta``: from the probabilities averaged over each image and its mirror image)."""
     if topk < 1:
         raise UsageError("--topk must be at least 1")
     if batch_size < 1:
@@ -129,7 +133,7 @@ def predict_files(inputs: list[str], weights: str | Path, *, topk: int = 5, batc
     loader = DataLoader(_Images([expanded[i][0] for i in todo], model.img_size), batch_size=batch_size,
                         num_workers=n_workers, collate_fn=_collate, pin_memory=model.pin_memory)
     for images, indices, errors in loader:
-        probs = model.logits(images).softmax(dim=1)
+        probs = tta_probs(model.logits, images) if tta else model.logits(images).softmax(dim=1)
         top_p, top_i = probs.topk(k, dim=1)
         for j, (index, error) in enumerate(zip(indices, errors)):
             row = rows[todo[index]]

@@ -66,6 +66,18 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny models step and time faster on one thread, and two processes on a busy 2-core box can
+    stall each other's OpenMP pools badly. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
 

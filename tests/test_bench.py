@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import make_image_folder
 from PIL import Image
 
@@ -22,13 +21,7 @@ FAST = ["--img-size", "64", "--batch-size", "4", "--runs", "1", "--device", "cpu
 MODEL_FIELDS = ("params_m", "gmacs", "infer_images_per_s", "latency_ms", "train_images_per_s")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models time faster on one thread, and a busy 2-core box can stall OpenMP badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _json(result) -> list[dict]:

@@ -84,16 +84,19 @@ def test_sync_bn_on_cpu_is_refused_before_launch(runner, image_folder, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant",
-                         [["--no-feature-cache"], ["--feature-cache", "--lr", "0.005", "--lr-scale", "linear"]],
-                         ids=["full-model", "feature-cache+lr-scale"])
-def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path, variant):
+@pytest.mark.parametrize("variant, both",
+                         [(["--no-feature-cache"], []),
+                          (["--feature-cache", "--lr", "0.005", "--lr-scale", "linear"],
+                           ["--sampler", "balanced", "--class-weights", "auto", "--ema"])],
+                         ids=["full-model", "feature-cache+lr-scale+balanced+ema"])
+def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path, variant, both):
     """torchrun with 2 ranks x batch 4 == 1 process x batch 8: same losses, accuracy and weights
     (frozen backbone, so BatchNorm statistics cannot differ between the two), one run folder,
     validation counted once over the whole set, no `module.` prefix in the checkpoint. With
-    --lr-scale linear, 2 x 0.005 is the single process's 0.01."""
+    --lr-scale linear, 2 x 0.005 is the single process's 0.01. The balanced draw, the class
+    weights and the average of the weights (validated on the cached features) agree too."""
     common = ["train", "--data-path", str(image_folder), *TINY, "--epochs", "2", "--freeze-layers", "--aug", "none",
-              "--project", str(tmp_path / "runs")]
+              "--project", str(tmp_path / "runs"), *both]
     run([*TORCHRUN, "-m", "cnntrain", *common, "--batch-size", "4", "--name", "ddp", *variant], tmp_path)
     run([*CNNTRAIN, *common, "--batch-size", "8", "--name", "single", "--no-feature-cache"], tmp_path)
 

@@ -132,6 +132,7 @@ def test_eval_json_and_plot(trained, runner, image_folder, tmp_path):
     assert report["top1"] == pytest.approx(hits / 36) and report["top5"] is None
     assert [r["class"] for r in report["per_class"]] == ["blue", "green", "red"]
     assert sum(r["support"] for r in report["per_class"]) == 36
+    assert report["balanced_acc"] == pytest.approx(sum(r["recall"] for r in report["per_class"]) / 3)
     assert plot.stat().st_size > 0
     as_csv = runner.invoke(app, ["eval", "--weights", str(run / "best.pt"), "--data-path", str(image_folder),
                                  "--format", "csv", "--workers", "0", "--split", "all"])
@@ -208,9 +209,12 @@ def test_freeze_layers_trains_only_the_head(runner, image_folder, tmp_path):
     assert changed == {"fc.weight", "fc.bias"}  # BN running stats and every backbone weight untouched
 
 
-def test_resume_equals_uninterrupted_run(runner, image_folder, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--ema", "--sampler", "balanced", "--class-weights", "auto", "--mixup", "0.4",
+                                    "--cutmix", "1.0", "--backbone-lr-mult", "0.5"]], ids=["plain", "better-models"])
+def test_resume_equals_uninterrupted_run(runner, image_folder, tmp_path, extra):
+    """The new pieces of state (the EMA, the balanced draw, the mixing RNG) resume exactly too."""
     common = ["--data-path", str(image_folder), *TINY, "--deterministic", "--sched", "step", "--step-size", "2",
-              "--aug", "trivialaugment"]
+              "--aug", "trivialaugment", *extra]
     train(runner, *common, "--epochs", "4", "--project", str(tmp_path / "a"))
     train(runner, *common, "--epochs", "2", "--project", str(tmp_path / "b"))
     train(runner, "--resume", str(tmp_path / "b" / "exp"), "--epochs", "4")
@@ -221,8 +225,12 @@ def test_resume_equals_uninterrupted_run(runner, image_folder, tmp_path):
         torch.testing.assert_close(value, b["model"][key], rtol=0, atol=1e-6, msg=key)
     rows_a = (tmp_path / "a" / "exp" / "metrics.csv").read_text().splitlines()
     rows_b = (tmp_path / "b" / "exp" / "metrics.csv").read_text().splitlines()
-    strip = lambda rows: [",".join(r.split(",")[:7]) for r in rows]  # noqa: E731 - drop timing columns
+    strip = lambda rows: [",".join(r.split(",")[:7] + r.split(",")[9:]) for r in rows]  # noqa: E731 - no timings
     assert strip(rows_a) == strip(rows_b)
+    if extra:
+        assert rows_a[0].endswith("val_loss_ema,val_acc_ema") and rows_a[1].split(",")[-1]  # the EMA was validated
+        for key, value in a["ema"]["averaged"].items():
+            torch.testing.assert_close(value, b["ema"]["averaged"][key], rtol=0, atol=1e-6, msg=key)
 
 
 def test_run_names_auto_increment(runner, image_folder, tmp_path):

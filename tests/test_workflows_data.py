@@ -25,6 +25,7 @@ def test_every_recipe_runs_on_ones_own_folder(path, tmp_path):
     cfg = build_config(load_yaml(path), {"data_path": str(tmp_path)}, source=str(path))
     assert cfg.data_path == str(tmp_path) and cfg.dataset is None
     assert cfg.arch == load_yaml(path)["arch"]  # the rest of the recipe still applies
+    assert all(getattr(cfg, key) == value for key, value in load_yaml(path).items() if key != "dataset")
 
 
 def test_command_line_dataset_replaces_the_files_data_path(tmp_path):

@@ -10,19 +10,35 @@ batch B draw, step by step, exactly the samples one process with batch N x B wou
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
-class EpochSampler(DistributedSampler):
-    """Yields ``(sample_seed, index)`` for this rank; call ``set_epoch`` before each epoch."""
+def balanced_weights(labels: Sequence[int]) -> torch.Tensor:
+    """Per-sample weights under which every class present is drawn equally often."""
+    labels_t = torch.as_tensor(list(labels), dtype=torch.long)
+    counts = torch.bincount(labels_t).double()
+    return (1.0 / counts)[labels_t]
 
-    def __init__(self, data: Sized, *, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+
+class EpochSampler(DistributedSampler):
+    """Yields ``(sample_seed, index)`` for this rank; call ``set_epoch`` before each epoch.
+
+    ``weights`` (one per sample): draw the epoch's ``len(data)`` items with replacement in
+    proportion to them, as ``WeightedRandomSampler`` does (e.g. ``balanced_weights``), from the
+    same per-(seed, epoch) generator, so resumed and same-seed runs draw the same items, and
+    every rank agrees on the draw before taking its share."""
+
+    def __init__(self, data: Sized, *, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 weights: torch.Tensor | None = None) -> None:
         super().__init__(data, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
         self.size = len(data)
         self.skip = 0
+        if weights is not None and len(weights) != self.size:
+            raise ValueError(f"{len(weights)} sampling weights for {self.size} samples")
+        self.weights = weights
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """``skip`` this rank's first samples of the epoch (resuming a run stopped mid-epoch)."""
@@ -34,7 +50,10 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=gen) if self.shuffle else torch.arange(self.size)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=gen)
+        else:
+            order = torch.randperm(self.size, generator=gen) if self.shuffle else torch.arange(self.size)
         # One 63-bit seed per sample, drawn from the same epoch generator.
         seeds = torch.randint(0, 2**62, (self.size,), generator=gen)
         items = list(zip(seeds.tolist(), order.tolist()))

@@ -37,9 +37,10 @@ class Checkpointer:
         """best.pt when the epoch improved the monitored metric, then last.pt, always."""
         if not self.enabled:
             return
-        if improved:
-            checkpoint.save(self.best, checkpoint.make_checkpoint(model, epoch=epoch, metrics=metrics,
-                                                                  **self.describe))
+        if improved:  # the weights that scored best: the model's own, or their average (--ema)
+            checkpoint.save(self.best, checkpoint.make_checkpoint(
+                state.best_weights(model), epoch=epoch, metrics=metrics, **self.describe,
+                weights_averaged=state.best_is_ema))
         self._save_last(model, epoch, metrics, state)
 
     def interrupted(self, model: nn.Module, epochs_done: int, state: TrainingState,

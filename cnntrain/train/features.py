@@ -26,7 +26,7 @@ from cnntrain.data import DatasetSplits, ImageDataset, Unreadable, collate_skipp
 from cnntrain.data.sampler import EpochSampler
 from cnntrain.engine import Batcher, unpack
 from cnntrain.train.distributed import DistContext
-from cnntrain.train.pipeline import InputPipeline
+from cnntrain.train.pipeline import InputPipeline, PipelineSettings, train_sampler
 
 
 class FeatureDataset(Dataset):
@@ -112,14 +112,14 @@ class _ValTagged(Dataset):
 
 
 def cached_features(model: nn.Module, head: str, splits: DatasetSplits, pipeline: InputPipeline, *, arch: str,
-                    img_size: int, batch_size: int, seed: int, device: torch.device, ctx: DistContext = DistContext(),
+                    settings: PipelineSettings, device: torch.device, ctx: DistContext = DistContext(),
                     log: Callable[[str], None] = lambda s: None) -> FeaturePhase | None:
     """Run the frozen backbone once over train and val; None when the model cannot use the cache.
 
     Under torchrun every rank extracts the features it trains on (all of train, as the shuffle
     spans ranks, and its shard of val) into its own memory; nothing is written to disk."""
-    batcher = pipeline.batcher
-    transform = eval_transform(img_size)
+    batcher, batch_size = pipeline.batcher, settings.batch_size
+    transform = eval_transform(settings.img_size)
     probe = next(iter(make_loader(ImageDataset(splits.train[:2], transform), batch_size=2, shuffle=False,
                                   workers=0)))[0]
     if not head_reproduces_model(model, head, batcher(probe, torch.zeros(len(probe)))[0]):
@@ -138,7 +138,7 @@ def cached_features(model: nn.Module, head: str, splits: DatasetSplits, pipeline
     train_x, train_y, val_x, val_y = x[~is_val], y[~is_val], x[is_val], y[is_val] - classes
     log(f"feature cache: backbone ran once over {len(train_y)} train + {len(val_y)} val images in "
         f"{time.perf_counter() - started:.1f}s ({x.numel() * 4 / 1e6:.0f} MB); the head trains on cached features")
-    sampler = EpochSampler(train_y, shuffle=True, seed=seed, num_replicas=ctx.world_size, rank=ctx.rank)
+    sampler = train_sampler(train_y.tolist(), settings, ctx)
     train = make_loader(FeatureDataset(train_x, train_y), batch_size=batch_size, shuffle=False, sampler=sampler,
                         workers=0, device=device, drop_last=sampler.num_samples % batch_size == 1)
     val = (make_loader(FeatureDataset(val_x, val_y), batch_size=batch_size, shuffle=False, workers=0, device=device)

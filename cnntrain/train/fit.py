@@ -11,17 +11,18 @@
 - ``checkpointer.py`` best.pt, last.pt and the interrupted last.pt
 - ``loop.py``        the epoch loop; ``cnntrain.engine`` holds the per-batch loops
 - ``runfiles.py``    config.yaml, metrics.csv, plots and summary.json
+- ``loss.py``        the objective: loss (label smoothing, ``imbalance.py``'s class weights), ``mixing.py``
+- ``ema.py``         the average of the weights (a field of the training state)
+- ``lr_find.py``     the learning-rate range test (``--lr auto``, ``cnntrain lr-find``)
 
 Adding a training feature touches the part it concerns, not the loop:
 
-- a loss (class weights, soft targets): ``loss.build_loss``;
-- a transform of the device-side batch (mixup, cutmix): ``EpochLoop.batch_transform``, which
+- a loss (class weights, soft targets): ``loss.build_objective``;
+- a transform of the device-side batch (mixup, cutmix): ``Objective.batch_transform``, which
   ``train_one_epoch`` applies after the Batcher, for training batches only;
 - something updated after every optimiser step (an average of the weights): a field of
-  ``TrainingState`` saved in ``state_dict()``, updated through ``EpochLoop.after_step``. For
-  example, EMA: ``TrainingState.ema = torch.optim.swa_utils.AveragedModel(model, ...)``, its
-  ``state_dict()`` / ``load_state_dict()`` gain an ``"ema"`` entry, and ``_fit`` passes
-  ``after_step=lambda m: state.ema.update_parameters(model)`` to the loop;
+  ``TrainingState`` saved in ``state_dict()``, updated through ``EpochLoop.after_step``, as
+  ``TrainingState.ema`` (``ema.WeightAverage``) is;
 - something done at the end of each epoch (a plot, a TensorBoard write): an ``EpochReporter``
   in ``EpochLoop.reporters``, like ``runfiles.MetricsCsv``.
 
@@ -54,8 +55,10 @@ from cnntrain.train import distributed, loss
 from cnntrain.train.checkpointer import Checkpointer
 from cnntrain.train.distributed import DistContext
 from cnntrain.train.features import cached_features
+from cnntrain.train.imbalance import class_counts, imbalance_line
 from cnntrain.train.loop import GPU_SYNC_EVERY, EpochLoop
-from cnntrain.train.optim import OptimizerSettings, ScheduleSettings
+from cnntrain.train.lr_find import METHODS, lr_find_for_config
+from cnntrain.train.optim import OptimizerSettings, ScheduleSettings, describe_groups
 from cnntrain.train.phase import Phase, Phases
 from cnntrain.train.pipeline import PipelineSettings, build_pipeline
 from cnntrain.train.progress import Reporter
@@ -119,6 +122,10 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     if plan is not None:
         plan.check_classes(splits.classes)
     reporter.info(splits.summary())
+    counts = class_counts([label for _, label in splits.train], splits.num_classes)
+    _say(reporter, imbalance_line(counts, splits.classes))
+    if cfg.lr_auto:
+        cfg = _found_lr(cfg, splits, ctx, reporter)
     run = build_run_model(cfg.arch, splits.num_classes, pretrained=cfg.pretrained, weights=cfg.weights,
                           resumed=plan.saved if plan else None, freeze_layers=cfg.freeze_layers, ctx=ctx,
                           log=reporter.info, warn=reporter.always)
@@ -132,6 +139,7 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     run.model = place(run.model, device, channels_last=channels_last, sync_bn=cfg.sync_bn and ctx.enabled)
     state = _training_state(cfg, run, ctx, amp_dtype == torch.float16, "val_acc" if splits.val else "train_acc",
                             reporter)
+    objective = loss.build_objective(cfg, splits.classes, counts, reporter.info)
     if plan is not None:
         state.load_state_dict(plan.saved)  # the lr: what this run's schedule gives the epoch it continues at
         reporter.info(plan.describe(partial, cfg.epochs))
@@ -144,12 +152,13 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     checkpointer = Checkpointer(run_dir, dict(arch=cfg.arch, classes=splits.classes, img_size=cfg.img_size,
                                               mean=run.mean, std=run.std, config=cfg.to_dict()),
                                 enabled=ctx.is_main, world_size=ctx.world_size)
-    criterion = loss.build_loss(cfg.label_smoothing)
+    ema = state.ema
     loop = EpochLoop(
-        phases, state, criterion, checkpointer, run.model, reporter, stop, ctx, epochs=cfg.epochs,
+        phases, state, objective.criterion, checkpointer, run.model, reporter, stop, ctx, epochs=cfg.epochs,
         batch_size=cfg.batch_size, num_classes=splits.num_classes, images=(len(splits.train), len(splits.val)),
         clip_grad=cfg.clip_grad, sync_every=1 if device.type == "cpu" else GPU_SYNC_EVERY,
-        reporters=[MetricsCsv(run_dir / "metrics.csv")],
+        reporters=[MetricsCsv(run_dir / "metrics.csv")], batch_transform=objective.batch_transform,
+        val_criterion=objective.val_criterion, after_step=(lambda _: ema.update(run.model)) if ema else None,
     )
     try:
         stopped_early = loop.run(start_epoch, partial)
@@ -159,10 +168,23 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
         raise
     result = TrainResult(run_dir=run_dir, best_epoch=state.best_epoch, best_metric=state.best_metric,
                          monitor=state.monitor, epochs_run=len(state.history), seconds=time.perf_counter() - started,
-                         stopped_early=stopped_early, history=state.history)
-    best_val = _score_best(checkpointer, run, phases.best_scorer(), criterion, splits.num_classes, ctx)
+                         stopped_early=stopped_early, history=state.history, best_is_ema=state.best_is_ema)
+    best_val = _score_best(checkpointer, run, phases.best_scorer(), objective.val_criterion, splits.num_classes, ctx)
+    result.best_scores = best_val.confusion.scores() if best_val is not None else None
     finish(result, best_val, splits, cfg.arch, ctx)
     return result
+
+
+def _found_lr(cfg: TrainConfig, splits: DatasetSplits, ctx: DistContext, reporter: Reporter) -> TrainConfig:
+    """``--lr auto``: the range test on rank 0 (it leaves the model, the data and the RNG as they
+    were), its suggestion for every rank, and the number, not "auto", in the run's configuration."""
+    found = None
+    if ctx.is_main:
+        result = lr_find_for_config(cfg, splits=splits, warn=reporter.always)
+        found = result.suggestion
+        reporter.info(f"--lr auto: {found:.3g}, {METHODS[result.method]} over {len(result.lrs)} steps of the "
+                      "range test (`cnntrain lr-find` draws it); saved as lr")
+    return dataclasses.replace(cfg, lr=float(ctx.broadcast(found)), lr_auto=False)
 
 
 def _open_run_dir(cfg: TrainConfig, plan: ResumePlan | None, ctx: DistContext, reporter: Reporter,
@@ -193,8 +215,20 @@ def _training_state(cfg: TrainConfig, run: RunModel, ctx: DistContext, fp16: boo
     if cfg.lr_scale == "linear" and ctx.world_size > 1:
         lr = cfg.lr * ctx.world_size
         reporter.info(f"--lr-scale linear: learning rate {cfg.lr:g} x {ctx.world_size} processes = {lr:g}")
-    return TrainingState.create(run.model, cfg.pick(OptimizerSettings, lr=lr), cfg.pick(ScheduleSettings),
-                                fp16=fp16, monitor=monitor, patience=cfg.patience)
+    state = TrainingState.create(run.model, cfg.pick(OptimizerSettings, lr=lr), cfg.pick(ScheduleSettings),
+                                 fp16=fp16, monitor=monitor, patience=cfg.patience, head=run.head,
+                                 ema_decay=cfg.ema_decay if cfg.ema else None)
+    _say(reporter, describe_groups(state.optimizer))
+    if state.ema is not None:
+        reporter.info(f"--ema: validating an average of the weights too (decay {cfg.ema_decay:g}, warmed up); "
+                      "best.pt keeps whichever scores higher" + ("" if monitor == "val_acc" else
+                                                                 " (no validation split: the raw weights)"))
+    return state
+
+
+def _say(reporter: Reporter, line: str | None) -> None:
+    if line:
+        reporter.info(line)
 
 
 def _phases(cfg: TrainConfig, run: RunModel, splits: DatasetSplits, frozen: bool, device: torch.device,
@@ -202,6 +236,10 @@ def _phases(cfg: TrainConfig, run: RunModel, splits: DatasetSplits, frozen: bool
     """The input pipeline and, with a frozen backbone and ``--aug none``, the cached features."""
     settings = cfg.pick(PipelineSettings)
     use_features = frozen and cfg.feature_cache and settings.deterministic
+    if use_features and (cfg.mixup > 0 or cfg.cutmix > 0):
+        reporter.info("feature cache: off, as mixup/cutmix mix images, not cached features; training through the "
+                      "full model")
+        use_features = False
     # Frozen to the end with cached features: the backbone reads each image once, nothing to cache.
     features_only = use_features and cfg.unfreeze_epoch is None
     pipeline = build_pipeline(splits, settings, device=device, mean=run.mean, std=run.std, channels_last=channels_last,
@@ -209,8 +247,8 @@ def _phases(cfg: TrainConfig, run: RunModel, splits: DatasetSplits, frozen: bool
                               progress=reporter.interactive)
     features = None
     if use_features:
-        features = cached_features(run.model, run.head, splits, pipeline, arch=cfg.arch, img_size=cfg.img_size,
-                                   batch_size=cfg.batch_size, seed=cfg.seed, device=device, ctx=ctx, log=reporter.info)
+        features = cached_features(run.model, run.head, splits, pipeline, arch=cfg.arch, settings=settings,
+                                   device=device, ctx=ctx, log=reporter.info)
     return Phases(run.model, run.head, pipeline, frozen=frozen, unfreeze_epoch=cfg.unfreeze_epoch, features=features,
                   wrap=wrapper(ctx, device, cfg.compile), distributed=ctx.enabled, log=reporter.info)
 

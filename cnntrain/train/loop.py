@@ -55,6 +55,7 @@ class EpochLoop:
     reporters: list[EpochReporter] = field(default_factory=list)
     batch_transform: BatchTransform | None = None
     after_step: Callable[[nn.Module], None] | None = None  # after every optimiser step
+    val_criterion: nn.Module | None = None  # validation's loss, when training's differs (class weights)
     best_val: EvalResult | None = None  # the validation of the best epoch this session, for the plots
 
     def run(self, start_epoch: int, partial: dict[str, Any] | None = None) -> bool:
@@ -71,8 +72,8 @@ class EpochLoop:
                 self.checkpointer.interrupted(self.model, epoch, self.state, totals.state())
                 raise self.interrupted(f"stopped during epoch {shown} after step {totals.steps}")
             self.warn_skipped(shown, totals.skipped)
-            val = self.validate(phase, shown)
-            row = epoch_row(shown, totals, val, lr)
+            val, val_ema = self.validate(phase, shown), self.validate_average(phase, shown)
+            row = epoch_row(shown, totals, val, lr, val_ema)
             improved = self.state.end_epoch(row)
             self.best_val = val if improved else self.best_val
             if self.ctx.is_main:
@@ -98,12 +99,18 @@ class EpochLoop:
                 batch_transform=self.batch_transform, after_step=self.after_step)
         return reduce_totals(totals, self.ctx)
 
-    def validate(self, phase: Phase, epoch: int) -> EvalResult | None:
+    def validate(self, phase: Phase, epoch: int, net: nn.Module | None = None, what: str = "valid"
+                 ) -> EvalResult | None:
         if phase.val is None:
             return None
-        with self.reporter.bar(f"valid epoch[{epoch}/{self.epochs}]", self.images[1]) as on_step:
-            return evaluate(phase.eval_net, phase.val, self.criterion, phase.batcher, self.num_classes,
-                            on_step=on_step, reduce=self.ctx.sum)
+        with self.reporter.bar(f"{what} epoch[{epoch}/{self.epochs}]", self.images[1]) as on_step:
+            return evaluate(net or phase.eval_net, phase.val, self.val_criterion or self.criterion, phase.batcher,
+                            self.num_classes, on_step=on_step, reduce=self.ctx.sum)
+
+    def validate_average(self, phase: Phase, epoch: int) -> EvalResult | None:
+        """The average of the weights (--ema) on the same validation set."""
+        ema = self.state.ema
+        return None if ema is None else self.validate(phase, epoch, phase.eval_net_of(ema.module), "valid ema")
 
     def warn_skipped(self, epoch: int, skipped: list[str]) -> None:
         if skipped:
@@ -116,14 +123,17 @@ class EpochLoop:
                            self.stop.signum or signal.SIGINT)
 
 
-def epoch_row(epoch: int, totals: EpochTotals, val: EvalResult | None, lr: float) -> dict[str, Any]:
+def epoch_row(epoch: int, totals: EpochTotals, val: EvalResult | None, lr: float,
+              val_ema: EvalResult | None = None) -> dict[str, Any]:
     """One line of the history (and of metrics.csv)."""
     train = totals.summary()
+    seconds = train["seconds"] + sum(v.seconds for v in (val, val_ema) if v is not None)
     return {
         "epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
         "val_loss": val.loss if val else None, "val_acc": val.acc if val else None,
-        "val_top5": val.top5 if val else None, "lr": lr, "seconds": train["seconds"] + (val.seconds if val else 0.0),
-        "images_per_s": train["images_per_s"],
+        "val_top5": val.top5 if val else None,
+        "val_loss_ema": val_ema.loss if val_ema else None, "val_acc_ema": val_ema.acc if val_ema else None,
+        "lr": lr, "seconds": seconds, "images_per_s": train["images_per_s"],
     }
 
 

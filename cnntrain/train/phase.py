@@ -30,6 +30,11 @@ class Phase:
     batcher: Batcher
     sampler: EpochSampler
     prepare: Callable[[nn.Module], None] | None = None  # after model.train(): e.g. frozen BatchNorm stays eval
+    head_only: str | None = None  # the head's name when ``net`` is just the head, on cached features
+
+    def eval_net_of(self, model: nn.Module) -> nn.Module:
+        """What scores validation for another copy of the model (an average of its weights)."""
+        return model.get_submodule(self.head_only) if self.head_only is not None else model
 
 
 class Phases:
@@ -69,4 +74,4 @@ class Phases:
     def _feature_phase(self, net: nn.Module) -> Phase:
         f = self.features
         assert f is not None
-        return Phase(net, f.head, f.train, f.val, f.batcher, f.sampler)
+        return Phase(net, f.head, f.train, f.val, f.batcher, f.sampler, head_only=self.head)

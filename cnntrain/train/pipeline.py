@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from cnntrain.data import DatasetSplits, ImageDataset, Normalize, collate_skipping, default_workers, make_loader
 from cnntrain.data.gpu_decode import EncodedImageDataset, collate_encoded, use_gpu_decode
 from cnntrain.data.imagecache import ImageCache, build_image_cache, default_budget
-from cnntrain.data.sampler import EpochSampler, SeededDataset, ShardSampler
+from cnntrain.data.sampler import EpochSampler, SeededDataset, ShardSampler, balanced_weights
 from cnntrain.data.transforms import CROP_RATIO, eval_transform, train_transform
 from cnntrain.engine import Batcher
 from cnntrain.train.distributed import DistContext
@@ -37,6 +37,7 @@ class PipelineSettings:
     cache: str = "auto"
     cache_max_gb: float | None = None  # None: a quarter of the available memory
     gpu_decode: bool = False
+    sampler: str = "shuffle"  # or balanced: classes drawn equally often
 
     @property
     def deterministic(self) -> bool:
@@ -58,6 +59,13 @@ class InputPipeline:
     workers: int
     train_cache: ImageCache | None
     val_cache: ImageCache | None
+
+
+def train_sampler(labels: list[int], settings: PipelineSettings, ctx: DistContext) -> EpochSampler:
+    """The epoch-seeded training sampler: a shuffle, or with ``--sampler balanced`` a weighted draw."""
+    weights = balanced_weights(labels) if settings.sampler == "balanced" else None
+    return EpochSampler(labels, shuffle=True, seed=settings.seed, num_replicas=ctx.world_size, rank=ctx.rank,
+                        weights=weights)
 
 
 def decoded_image_cache(splits: DatasetSplits, settings: PipelineSettings, *, workers: int, local_world_size: int = 1,
@@ -92,7 +100,7 @@ def build_pipeline(splits: DatasetSplits, settings: PipelineSettings, *, device:
     dataset_type, collate = (EncodedImageDataset, collate_encoded) if gpu_decode else (ImageDataset, collate_skipping)
     train_tf = (eval_transform(settings.img_size) if settings.deterministic
                 else train_transform(settings.img_size, settings.aug))
-    sampler = EpochSampler(splits.train, shuffle=True, seed=settings.seed, num_replicas=ctx.world_size, rank=ctx.rank)
+    sampler = train_sampler([label for _, label in splits.train], settings, ctx)
     # BatchNorm cannot train on a batch of one: skip that lone last sample (a different one
     # each epoch, as the order is shuffled) rather than crash at the end of the epoch.
     drop_last = sampler.num_samples % settings.batch_size == 1

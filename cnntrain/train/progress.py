@@ -63,5 +63,7 @@ def format_epoch(epoch: int, epochs: int, row: dict[str, float]) -> str:
         parts += [f"val_loss:{row['val_loss']:.3f}", f"val_acc:{row['val_acc']:.3f}"]
         if row.get("val_top5") is not None:  # None with 5 classes or fewer
             parts.append(f"val_top5:{row['val_top5']:.3f}")
+        if row.get("val_acc_ema") is not None:
+            parts.append(f"val_acc_ema:{row['val_acc_ema']:.3f}")
     parts += [f"lr:{row['lr']:.2e}", f"{row['images_per_s']:.0f} img/s", f"{row['seconds']:.1f}s"]
     return " ".join(parts)

@@ -19,7 +19,7 @@ from cnntrain.train.distributed import DistContext
 from cnntrain.train.state import TrainResult
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "seconds",
-                  "images_per_s"]
+                  "images_per_s", "val_loss_ema", "val_acc_ema"]  # the last two: with --ema only
 
 
 def write_text(path: Path, text: str) -> None:
@@ -85,6 +85,10 @@ def finish(result: TrainResult, best_val: EvalResult | None, splits: DatasetSpli
         "best_metric": result.best_metric,
         "best_val_acc": best_val.acc if best_val else None,
         "best_val_top5": best_val.top5 if best_val else None,
+        # beside accuracy, the two figures that weigh every class alike (imbalanced data)
+        "best_val_balanced_acc": result.best_scores["balanced_acc"] if result.best_scores else None,
+        "best_val_macro_f1": result.best_scores["macro_f1"] if result.best_scores else None,
+        "best_weights_averaged": result.best_is_ema,  # --ema: best.pt holds the average of the weights
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         "seconds": round(result.seconds, 2),

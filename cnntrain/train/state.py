@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from cnntrain.runtime import rng_state, set_rng_state
+from cnntrain.train.ema import WeightAverage
 from cnntrain.train.optim import OptimizerSettings, ScheduleSettings, build_optimizer, build_scheduler
 
 
@@ -30,6 +31,8 @@ class TrainResult:
     seconds: float
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_scores: dict[str, float] | None = None  # the best weights' acc, balanced_acc, macro_f1 on val
+    best_is_ema: bool = False  # best.pt holds the average of the weights (--ema)
 
 
 @dataclass
@@ -42,14 +45,19 @@ class TrainingState:
     best_metric: float = -math.inf
     best_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    ema: WeightAverage | None = None  # --ema: the average of the weights, validated beside them
+    best_is_ema: bool = False  # whether best.pt holds the average (it scored higher that epoch)
 
     @classmethod
     def create(cls, model: nn.Module, optim: OptimizerSettings, schedule: ScheduleSettings, *, fp16: bool,
-               monitor: str, patience: int | None) -> TrainingState:
-        """Fresh state for ``model``; ``fp16`` autocast needs a GradScaler (bf16 does not)."""
-        optimizer = build_optimizer(model, optim)
+               monitor: str, patience: int | None, head: str | None = None,
+               ema_decay: float | None = None) -> TrainingState:
+        """Fresh state for ``model``; ``fp16`` autocast needs a GradScaler (bf16 does not).
+        ``head`` names the head for a backbone learning-rate multiplier; ``ema_decay`` turns on EMA."""
+        optimizer = build_optimizer(model, optim, head=head)
         scaler = torch.amp.GradScaler("cuda") if fp16 else None
-        return cls(optimizer, build_scheduler(optimizer, schedule), scaler, monitor, patience)
+        ema = WeightAverage(model, ema_decay) if ema_decay is not None else None
+        return cls(optimizer, build_scheduler(optimizer, schedule), scaler, monitor, patience, ema=ema)
 
     @property
     def lr(self) -> float:
@@ -60,10 +68,18 @@ class TrainingState:
         self.scheduler.step()
         self.history.append(row)
         metric = row[self.monitor]
+        averaged = row.get(f"{self.monitor}_ema")  # validated only when there is a validation split
+        ema_wins = averaged is not None and averaged > metric
+        if ema_wins:
+            metric = averaged
         if metric > self.best_metric:
-            self.best_metric, self.best_epoch = metric, row["epoch"]
+            self.best_metric, self.best_epoch, self.best_is_ema = metric, row["epoch"], ema_wins
             return True
         return False
+
+    def best_weights(self, model: nn.Module) -> nn.Module:
+        """What best.pt stores for the epoch that just improved: the average, or ``model``."""
+        return self.ema.module if self.best_is_ema and self.ema is not None else model
 
     def should_stop_early(self, epoch: int, epochs: int) -> bool:
         """``patience`` epochs without a new best (never on the last epoch: it ends anyway)."""
@@ -72,7 +88,8 @@ class TrainingState:
     def state_dict(self) -> dict[str, Any]:
         return dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                    best_metric=self.best_metric, best_epoch=self.best_epoch, history=self.history, rng=rng_state())
+                    best_metric=self.best_metric, best_epoch=self.best_epoch, history=self.history, rng=rng_state(),
+                    ema=self.ema.state_dict() if self.ema is not None else None, best_is_ema=self.best_is_ema)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -82,6 +99,9 @@ class TrainingState:
             self.scaler.load_state_dict(state["scaler"])
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         self.history = list(state["history"])
+        self.best_is_ema = bool(state.get("best_is_ema", False))
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])  # (a run resumed with --ema for the first time starts it now)
         set_rng_state(state["rng"])
 
     def _follow_schedule(self) -> None:
