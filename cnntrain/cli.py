@@ -204,7 +204,7 @@ def train(
     unfreeze_epoch: Annotated[int | None, Model(help="With --freeze-layers: unfreeze everything from this epoch on (1-based).")] = None,
     feature_cache: Annotated[bool | None, Model("--feature-cache/--no-feature-cache", help=f"With --freeze-layers and --aug none, run the backbone once and train the head on cached features {default('feature_cache')}.")] = None,
     epochs: Annotated[int | None, Optim(help=f"Passes over the training data {default('epochs')}.")] = None,
-    batch_size: Annotated[int | None, Optim(help=f"Images per step, per process {default('batch_size')}.")] = None,
+    batch_size: Annotated[str | None, Optim(help=f"Images per step, per process, or auto: on CUDA the largest batch that fits 85% of the GPU's memory, verified by a real step (config.yaml keeps the number) {default('batch_size')}.")] = None,
     opt: Annotated[str | None, Optim(help=f"{one_of(OPTIMIZERS)} {default('opt')}.")] = None,
     lr: Annotated[str | None, Optim(help=f"Base learning rate, or auto: run the range test of `cnntrain lr-find` first and train at the rate it suggests (config.yaml keeps the number) {default('lr')}.")] = None,
     momentum: Annotated[float | None, Optim(help=f"SGD momentum {default('momentum')}.")] = None,

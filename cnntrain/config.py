@@ -53,6 +53,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 10
     batch_size: int = 32
+    batch_size_auto: bool = False  # --batch-size auto: the largest batch that fits the GPU, saved as batch_size
     opt: str = "sgd"
     lr: float = 0.01
     lr_auto: bool = False  # --lr auto: run the LR range test first; the rate found is then saved as lr
@@ -199,19 +200,34 @@ def build_config(file_values: Mapping[str, Any] | None = None, overrides: Mappin
                              "`cnntrain train --help`")
         values.update(layer)
     values = {**dataset_defaults(values), **values}
-    if isinstance(values.get("lr"), str) and values["lr"].strip().lower() == "auto":
-        values["lr_auto"] = True
-        del values["lr"]
-    elif "lr" in overrides:
-        values["lr_auto"] = False  # a number given now replaces a recipe's `lr: auto`
+    for key, flag in AUTO_KEYS.items():
+        if isinstance(values.get(key), str) and values[key].strip().lower() == "auto":
+            values[flag] = True
+            del values[key]
+        elif key in values:
+            values[flag] = False  # a number given now replaces a recipe's `lr: auto`
+            values[key] = _number_or_auto(key, values[key])
     for key in ("aug", "milestones"):
         if isinstance(values.get(key), (str, int)):
             values[key] = _split_list(values[key], int if key == "milestones" else str)
     return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
 
 
+#: Options that also take ``auto``: the run measures the value first and saves the number.
+AUTO_KEYS = {"lr": "lr_auto", "batch_size": "batch_size_auto"}
 _DATA_KEYS = ("data_path", "dataset")  # where the images come from: one choice, whichever layer makes it
 _TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _number_or_auto(key: str, value: Any) -> Any:
+    """The command line gives ``--lr``/``--batch-size`` as text (they also take ``auto``)."""
+    if not isinstance(value, str):
+        return value
+    kind = int if key == "batch_size" else float
+    try:
+        return kind(value)
+    except ValueError:
+        raise UsageError(f"--{key.replace('_', '-')} must be a {_TYPE_NAMES[kind]} or auto, not {value!r}") from None
 
 
 def _coerce(key: str, value: Any) -> Any:

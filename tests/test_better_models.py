@@ -214,3 +214,73 @@ def test_balanced_accuracy_and_macro_f1_weigh_every_class_alike():
     assert scores["acc"] == pytest.approx(0.9)
     assert scores["balanced_acc"] == pytest.approx(0.5)
     assert scores["macro_f1"] == pytest.approx((2 * 0.9 / 1.9) / 2)
+
+
+# --- --batch-size auto --------------------------------------------------------------------------
+
+
+def _gpu(limit_bytes: int, fixed: int = 1000, per_image: int = 100, nonlinear_above: int | None = None):
+    """A stand-in for a GPU step: peak = fixed + per_image x batch (more above ``nonlinear_above``);
+    out of memory past ``limit_bytes``. Records each batch it was asked to run."""
+    asked: list[int] = []
+
+    def measure(batch: int) -> int:
+        asked.append(batch)
+        peak = fixed + per_image * batch + (0 if nonlinear_above is None or batch <= nonlinear_above
+                                            else 50 * (batch - nonlinear_above))
+        if peak > limit_bytes:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return peak
+
+    return measure, asked
+
+
+def test_batch_size_auto_takes_the_largest_multiple_of_8_that_fits_and_verifies_it():
+    from cnntrain.train.autobatch import choose_batch_size
+
+    measure, asked = _gpu(limit_bytes=10**6)
+    choice = choose_batch_size(measure, budget=20_000)  # (20000 - 1000) / 100 = 190 -> 184
+    assert choice.batch_size == 184 and choice.peak_bytes == 1000 + 100 * 184 <= 20_000
+    assert asked == [8, 16, 184]  # two to fit the line, one real step at the answer
+
+
+def test_batch_size_auto_shrinks_when_the_verified_step_does_not_fit():
+    """Memory grows faster than the small batches said (ultralytics #1451): the answer is re-verified."""
+    from cnntrain.train.autobatch import choose_batch_size
+
+    measure, asked = _gpu(limit_bytes=20_000, nonlinear_above=64)
+    choice = choose_batch_size(measure, budget=20_000)
+    assert asked[:3] == [8, 16, 184] and len(asked) > 3
+    assert choice.peak_bytes <= 20_000 and choice.batch_size % 8 == 0
+    assert choice.batch_size == asked[-1]  # the answer is the last size that was really run
+
+
+def test_batch_size_auto_when_not_even_the_first_batch_fits():
+    from cnntrain.errors import CnnTrainError
+    from cnntrain.train.autobatch import choose_batch_size
+
+    measure, _ = _gpu(limit_bytes=1500)
+    with pytest.raises(CnnTrainError, match="not even 8 images fit"):
+        choose_batch_size(measure, budget=10_000)
+
+
+def test_batch_size_auto_leaves_room_for_the_optimiser_state_and_the_ema():
+    from cnntrain.train.autobatch import later_bytes
+
+    model = nn.Linear(10, 10)  # 110 float32 parameters = 440 bytes
+    model.bias.requires_grad_(False)
+    assert later_bytes(model, "adamw", 0.9, ema=False) == 2 * 400
+    assert later_bytes(model, "sgd", 0.9, ema=True) == 400 + 440
+    assert later_bytes(model, "sgd", 0.0, ema=False) == 0
+
+
+def test_batch_size_auto_on_the_cpu_says_so_and_uses_the_default(config_of):
+    from cnntrain.train.autobatch import CPU_DEFAULT, auto_batch_size
+
+    lines: list[str] = []
+    chosen = auto_batch_size(nn.Linear(2, 2), nn.CrossEntropyLoss(), img_size=32, num_classes=2,
+                             device=torch.device("cpu"), channels_last=False, amp_dtype=None, opt="sgd",
+                             momentum=0.9, ema=False, log=lines.append)
+    assert chosen == CPU_DEFAULT and "on cpu it is the default" in lines[0]
+    cfg = config_of("--dataset", "shapes", "--batch-size", "auto")
+    assert cfg.batch_size_auto and config_of("--dataset", "shapes", "--batch-size", "16").batch_size == 16

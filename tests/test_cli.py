@@ -180,7 +180,8 @@ def test_train_help_shows_each_default_of_trainconfig(runner):
     from cnntrain.config import TrainConfig
 
     options, rendered = _options("train"), _rendered_help(runner, "train")
-    fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "lr_auto"]  # spelt `--lr auto`
+    # spelt `--lr auto`, `--batch-size auto`
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("lr_auto", "batch_size_auto")]
     assert {f.name for f in fields} <= set(options)
     with_defaults = [f for f in fields if f.default is not None and f.default is not dataclasses.MISSING]
     assert len(with_defaults) > 20

@@ -52,6 +52,7 @@ from cnntrain.errors import CnnTrainError, DataError, first_line
 from cnntrain.models import freeze_backbone, get_spec
 from cnntrain.runtime import amp_dtype_for, resolve_device, seed_everything, use_channels_last
 from cnntrain.train import distributed, loss
+from cnntrain.train.autobatch import auto_batch_size
 from cnntrain.train.checkpointer import Checkpointer
 from cnntrain.train.distributed import DistContext
 from cnntrain.train.features import cached_features
@@ -124,8 +125,6 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     reporter.info(splits.summary())
     counts = class_counts([label for _, label in splits.train], splits.num_classes)
     _say(reporter, imbalance_line(counts, splits.classes))
-    if cfg.lr_auto:
-        cfg = _found_lr(cfg, splits, ctx, reporter)
     run = build_run_model(cfg.arch, splits.num_classes, pretrained=cfg.pretrained, weights=cfg.weights,
                           resumed=plan.saved if plan else None, freeze_layers=cfg.freeze_layers, ctx=ctx,
                           log=reporter.info, warn=reporter.always)
@@ -137,6 +136,10 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
         freeze_backbone(run.model, run.head)
     amp_dtype, channels_last = amp_dtype_for(device, cfg.amp), use_channels_last(device, cfg.img_size)
     run.model = place(run.model, device, channels_last=channels_last, sync_bn=cfg.sync_bn and ctx.enabled)
+    if cfg.batch_size_auto:
+        cfg = _fitted_batch(cfg, run, splits.num_classes, device, channels_last, amp_dtype, ctx, reporter)
+    if cfg.lr_auto:  # after the batch size, which the best rate depends on
+        cfg = _found_lr(cfg, splits, ctx, reporter)
     state = _training_state(cfg, run, ctx, amp_dtype == torch.float16, "val_acc" if splits.val else "train_acc",
                             reporter)
     objective = loss.build_objective(cfg, splits.classes, counts, reporter.info)
@@ -185,6 +188,18 @@ def _found_lr(cfg: TrainConfig, splits: DatasetSplits, ctx: DistContext, reporte
         reporter.info(f"--lr auto: {found:.3g}, {METHODS[result.method]} over {len(result.lrs)} steps of the "
                       "range test (`cnntrain lr-find` draws it); saved as lr")
     return dataclasses.replace(cfg, lr=float(ctx.broadcast(found)), lr_auto=False)
+
+
+def _fitted_batch(cfg: TrainConfig, run: RunModel, num_classes: int, device: torch.device, channels_last: bool,
+                  amp_dtype: torch.dtype | None, ctx: DistContext, reporter: Reporter) -> TrainConfig:
+    """``--batch-size auto``: measured on rank 0's GPU (every rank has the same), saved as the number."""
+    found = None
+    if ctx.is_main:
+        found = auto_batch_size(run.model, loss.build_loss(cfg.label_smoothing), img_size=cfg.img_size,
+                                num_classes=num_classes, device=device, channels_last=channels_last,
+                                amp_dtype=amp_dtype, opt=cfg.opt, momentum=cfg.momentum, ema=cfg.ema,
+                                log=reporter.info)
+    return dataclasses.replace(cfg, batch_size=int(ctx.broadcast(found)), batch_size_auto=False)
 
 
 def _open_run_dir(cfg: TrainConfig, plan: ResumePlan | None, ctx: DistContext, reporter: Reporter,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cnntrain import checkpoint
-from cnntrain.config import NOT_SAVED, TrainConfig, build_config, load_yaml
+from cnntrain.config import AUTO_KEYS, NOT_SAVED, TrainConfig, build_config, load_yaml
 from cnntrain.errors import CheckpointError, UsageError
 
 
@@ -163,9 +163,11 @@ def train_config(overrides: dict[str, Any], config_file: str | Path | None = Non
     so the plan is made here and handed to ``fit``, which then reads last.pt no second time."""
     overrides = dict(overrides)
     if overrides.get("resume") is not None:
-        if str(overrides.get("lr", "")).lower() == "auto":
-            raise UsageError("--lr auto picks the rate a run starts with; a resumed run continues its own schedule "
-                             "(give a number to change it)")
+        auto = [key for key in AUTO_KEYS if str(overrides.get(key, "")).lower() == "auto"]
+        if auto:
+            option = "--" + auto[0].replace("_", "-")
+            raise UsageError(f"{option} auto measures what a run starts with; a resumed run continues with its own "
+                             f"(give a number to change it)")
         plan = load_plan(overrides["resume"], overrides.get("project", "runs"))
         # Not the run's settings: where the saved run was resumed from, and how much it printed.
         file_values = {k: v for k, v in (plan.saved.get("config") or {}).items() if k not in NOT_SAVED}
