@@ -11,6 +11,19 @@ OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("step", "multistep", "cosine", "none")
 #: Extra training augmentations (``--aug``); ``none`` alone means no random augmentation at all.
 AUGMENTATIONS = ("trivialaugment", "randaugment", "erasing", "none")
+#: ``--aug-preset``: values of the augmentation options (``transforms.Augment``) that suit a kind of
+#: data. Options given beside a preset, or in a recipe, override its values one by one.
+AUG_PRESETS: dict[str, dict[str, float | tuple[float, float]]] = {
+    # photos of things (flowers, pets, food): a mirror is the same class, objects fill the frame
+    "photo": {"hflip": 0.5, "vflip": 0.0, "crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3), "rotate": 0.0,
+              "color_jitter": 0.0},
+    # digits, letters, documents, arrows, road signs: a mirror is another class; keep most of the image
+    "no-mirror": {"hflip": 0.0, "vflip": 0.0, "crop_scale": (0.6, 1.0), "crop_ratio": (0.9, 1.1), "rotate": 10.0,
+                  "color_jitter": 0.2},
+    # fine-tuning on very few images: gentle changes that keep the object whole
+    "light": {"hflip": 0.5, "vflip": 0.0, "crop_scale": (0.5, 1.0), "crop_ratio": (0.9, 1.1), "rotate": 0.0,
+              "color_jitter": 0.1},
+}
 #: Decoded-image cache (``--cache``); see cnntrain.data.imagecache.
 CACHE_MODES = ("auto", "ram", "disk", "none")
 LR_SCALES = ("none", "linear")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cnntrain.choices import (
+    AUG_PRESETS,
     AUGMENTATIONS,
     CACHE_MODES,
     CLASS_WEIGHT_MODES,
@@ -37,6 +38,13 @@ class TrainConfig:
     val_split: float = 0.1
     img_size: int = 224
     aug: list[str] = field(default_factory=list)
+    aug_preset: str = "photo"  # the values below that suit a kind of data; each can still be set alone
+    hflip: float = 0.5
+    vflip: float = 0.0
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    rotate: float = 0.0
+    color_jitter: float = 0.0
     workers: int | None = None  # None: min(8, CPU count)
     strict: bool = False  # unreadable images are an error instead of being skipped
     cache: str = "auto"  # decoded-image cache: auto, ram, disk or none
@@ -126,6 +134,8 @@ class TrainConfig:
         for bad, message in checks:
             if bad:
                 raise UsageError(message)
+        if len(self.crop_scale) != 2 or len(self.crop_ratio) != 2:
+            raise UsageError("--crop-scale and --crop-ratio take two numbers, MIN,MAX, e.g. --crop-scale 0.5,1")
         unknown = [a for a in self.aug if a not in AUGMENTATIONS]
         if unknown:
             raise UsageError(f"unknown --aug {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
@@ -199,7 +209,10 @@ def build_config(file_values: Mapping[str, Any] | None = None, overrides: Mappin
             raise UsageError(f"unknown option {unknown[0]!r} in {where}; valid keys are listed by "
                              "`cnntrain train --help`")
         values.update(layer)
-    values = {**dataset_defaults(values), **values}
+    preset = values.get("aug_preset", "photo")
+    if preset not in AUG_PRESETS:
+        raise UsageError(f"--aug-preset must be one of {', '.join(AUG_PRESETS)}, not {preset!r}")
+    values = {**dataset_defaults(values), **AUG_PRESETS[preset], **values}
     for key, flag in AUTO_KEYS.items():
         if isinstance(values.get(key), str) and values[key].strip().lower() == "auto":
             values[flag] = True
@@ -207,15 +220,18 @@ def build_config(file_values: Mapping[str, Any] | None = None, overrides: Mappin
         elif key in values:
             values[flag] = False  # a number given now replaces a recipe's `lr: auto`
             values[key] = _number_or_auto(key, values[key])
-    for key in ("aug", "milestones"):
+    for key, kind in _LISTS.items():
         if isinstance(values.get(key), (str, int)):
-            values[key] = _split_list(values[key], int if key == "milestones" else str)
+            values[key] = _split_list(values[key], kind)
+        elif isinstance(values.get(key), tuple):
+            values[key] = list(values[key])
     return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
 
 
 #: Options that also take ``auto``: the run measures the value first and saves the number.
 AUTO_KEYS = {"lr": "lr_auto", "batch_size": "batch_size_auto"}
 _DATA_KEYS = ("data_path", "dataset")  # where the images come from: one choice, whichever layer makes it
+_LISTS: dict[str, type] = {"aug": str, "milestones": int, "crop_scale": float, "crop_ratio": float}  # a,b on the CLI
 _TYPES = typing.get_type_hints(TrainConfig)
 
 

@@ -49,6 +49,7 @@ def test_run_folder_has_every_file(trained):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs_run"] == 2 and summary["classes"] == ["blue", "green", "red"]
     assert "epoch[2/2]" in result.output  # plain per-epoch lines off a terminal
+    assert "training transform: crop 0.08-1 of the area (ratio 0.75-1.33), hflip 0.5" in result.output
 
 
 def test_checkpoint_is_self_describing_and_safe(trained):

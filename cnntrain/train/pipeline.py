@@ -18,7 +18,7 @@ from cnntrain.data import DatasetSplits, ImageDataset, Normalize, collate_skippi
 from cnntrain.data.gpu_decode import EncodedImageDataset, collate_encoded, use_gpu_decode
 from cnntrain.data.imagecache import ImageCache, build_image_cache, default_budget
 from cnntrain.data.sampler import EpochSampler, SeededDataset, ShardSampler, balanced_weights
-from cnntrain.data.transforms import CROP_RATIO, eval_transform, train_transform
+from cnntrain.data.transforms import CROP_RATIO, Augment, eval_transform, train_transform
 from cnntrain.engine import Batcher
 from cnntrain.train.distributed import DistContext
 
@@ -38,6 +38,18 @@ class PipelineSettings:
     cache_max_gb: float | None = None  # None: a quarter of the available memory
     gpu_decode: bool = False
     sampler: str = "shuffle"  # or balanced: classes drawn equally often
+    hflip: float = 0.5  # the random training transform (data.transforms.Augment), resolved from the preset
+    vflip: float = 0.0
+    crop_scale: tuple[float, ...] = (0.08, 1.0)
+    crop_ratio: tuple[float, ...] = (3 / 4, 4 / 3)
+    rotate: float = 0.0
+    color_jitter: float = 0.0
+
+    @property
+    def augment(self) -> Augment:
+        return Augment(hflip=self.hflip, vflip=self.vflip, crop_scale=(self.crop_scale[0], self.crop_scale[1]),
+                       crop_ratio=(self.crop_ratio[0], self.crop_ratio[1]), rotate=self.rotate,
+                       color_jitter=self.color_jitter).check()
 
     @property
     def deterministic(self) -> bool:
@@ -98,8 +110,12 @@ def build_pipeline(splits: DatasetSplits, settings: PipelineSettings, *, device:
                                           log=log, progress=progress)
     train_cache, val_cache = image_cache.split(len(splits.train)) if image_cache is not None else (None, None)
     dataset_type, collate = (EncodedImageDataset, collate_encoded) if gpu_decode else (ImageDataset, collate_skipping)
-    train_tf = (eval_transform(settings.img_size) if settings.deterministic
-                else train_transform(settings.img_size, settings.aug))
+    if settings.deterministic:
+        train_tf = eval_transform(settings.img_size)
+    else:
+        train_tf = train_transform(settings.img_size, settings.aug, augment=settings.augment)
+        extras = [a for a in settings.aug if a != "none"]
+        log(f"training transform: {settings.augment.describe()}" + (f", then {', '.join(extras)}" if extras else ""))
     sampler = train_sampler([label for _, label in splits.train], settings, ctx)
     # BatchNorm cannot train on a batch of one: skip that lone last sample (a different one
     # each epoch, as the order is shuffled) rather than crash at the end of the epoch.
