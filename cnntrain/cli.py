@@ -183,6 +183,15 @@ def _panel(title: str) -> Callable[..., Any]:
 Data, Model, Optim, Hardware, Output = map(_panel, ("Data", "Model", "Optimisation", "Hardware", "Output"))
 _AUGS = ", ".join(a for a in AUGMENTATIONS if a != "none")
 
+# The augmentation options, shared by train and lr-find (which measures the loss training will see).
+AugPreset = Annotated[str | None, Data(help=f"Augmentation that fits the data: photo (mirrors and 8-100% crops), no-mirror (digits, text, signs: no flips, 60-100% crops, +-10 deg), light (few images: gentle); the options below change one value each {default('aug_preset')}.")]
+HFlip = Annotated[float | None, Data(help=f"Probability of a left-right mirror; 0 where a mirror image is another class {default('hflip')}.")]
+VFlip = Annotated[float | None, Data(help=f"Probability of an upside-down flip (aerial or microscope images) {default('vflip')}.")]
+CropScale = Annotated[str | None, Data(help="MIN,MAX share of the image's area a training crop keeps (default: 0.08,1).")]
+CropRatio = Annotated[str | None, Data(help="MIN,MAX aspect ratio of a training crop (default: 0.75,1.33).")]
+Rotate = Annotated[float | None, Data(help=f"Random rotation, up to this many degrees either way {default('rotate')}.")]
+ColorJitter = Annotated[float | None, Data(help=f"Brightness, contrast and saturation changed by up to this fraction {default('color_jitter')}.")]
+
 
 @command(no_args_is_help=False)
 def train(
@@ -191,13 +200,13 @@ def train(
     val_split: Annotated[float | None, Data(help=f"Held-out fraction per class when DIR is not pre-split {default('val_split')}.")] = None,
     img_size: Annotated[int | None, Data(help=f"Training crop size {default('img_size')}.")] = None,
     aug: Annotated[str | None, Data(help=f"Extra augmentation, comma-separated: {_AUGS}; 'none' = deterministic.")] = None,
-    aug_preset: Annotated[str | None, Data(help=f"Augmentation that fits the data: photo (mirrors and 8-100% crops), no-mirror (digits, text, signs: no flips, 60-100% crops, +-10 deg), light (few images: gentle); the options below change one value each {default('aug_preset')}.")] = None,
-    hflip: Annotated[float | None, Data(help=f"Probability of a left-right mirror; 0 where a mirror image is another class {default('hflip')}.")] = None,
-    vflip: Annotated[float | None, Data(help=f"Probability of an upside-down flip (aerial or microscope images) {default('vflip')}.")] = None,
-    crop_scale: Annotated[str | None, Data(help="MIN,MAX share of the image's area a training crop keeps (default: 0.08,1).")] = None,
-    crop_ratio: Annotated[str | None, Data(help="MIN,MAX aspect ratio of a training crop (default: 0.75,1.33).")] = None,
-    rotate: Annotated[float | None, Data(help=f"Random rotation, up to this many degrees either way {default('rotate')}.")] = None,
-    color_jitter: Annotated[float | None, Data(help=f"Brightness, contrast and saturation changed by up to this fraction {default('color_jitter')}.")] = None,
+    aug_preset: AugPreset = None,
+    hflip: HFlip = None,
+    vflip: VFlip = None,
+    crop_scale: CropScale = None,
+    crop_ratio: CropRatio = None,
+    rotate: Rotate = None,
+    color_jitter: ColorJitter = None,
     workers: Annotated[int | None, Data(help=f"DataLoader worker processes {default('workers', 'min(8, CPUs)')}.")] = None,
     strict: Annotated[bool | None, Data("--strict/--no-strict", help=f"Any unreadable image is an error, instead of being skipped with a warning {default('strict')}.")] = None,
     cache: Annotated[str | None, Data(help=f"Decode each image once and keep it, resized, for every epoch: {one_of(CACHE_MODES)}; auto = RAM if it fits --cache-max-gb, else disk {default('cache')}.")] = None,
@@ -443,13 +452,13 @@ def lr_find(
     data_path: Annotated[Path | None, Data("--data-path", "--data", help="ImageFolder root: one sub-folder per class (or train/ + val/).")] = None,
     dataset: Annotated[str | None, Data(help="Built-in dataset: shapes (offline; the default), flowers, cifar10, cifar100.")] = None,
     img_size: Annotated[int | None, Data(help=f"Training crop size {default('img_size')}.")] = None,
-    aug_preset: Annotated[str | None, Data(help=f"Augmentation that fits the data: photo (mirrors and 8-100% crops), no-mirror (digits, text, signs: no flips, 60-100% crops, +-10 deg), light (few images: gentle); the options below change one value each {default('aug_preset')}.")] = None,
-    hflip: Annotated[float | None, Data(help=f"Probability of a left-right mirror; 0 where a mirror image is another class {default('hflip')}.")] = None,
-    vflip: Annotated[float | None, Data(help=f"Probability of an upside-down flip (aerial or microscope images) {default('vflip')}.")] = None,
-    crop_scale: Annotated[str | None, Data(help="MIN,MAX share of the image's area a training crop keeps (default: 0.08,1).")] = None,
-    crop_ratio: Annotated[str | None, Data(help="MIN,MAX aspect ratio of a training crop (default: 0.75,1.33).")] = None,
-    rotate: Annotated[float | None, Data(help=f"Random rotation, up to this many degrees either way {default('rotate')}.")] = None,
-    color_jitter: Annotated[float | None, Data(help=f"Brightness, contrast and saturation changed by up to this fraction {default('color_jitter')}.")] = None,
+    aug_preset: AugPreset = None,
+    hflip: HFlip = None,
+    vflip: VFlip = None,
+    crop_scale: CropScale = None,
+    crop_ratio: CropRatio = None,
+    rotate: Rotate = None,
+    color_jitter: ColorJitter = None,
     workers: Annotated[int | None, Data(help=f"DataLoader worker processes {default('workers', 'min(8, CPUs)')}.")] = None,
     arch: Annotated[str | None, Model(help=f"Architecture name (see `cnntrain models`) {default('arch')}.")] = None,
     pretrained: Annotated[bool | None, Model("--pretrained/--no-pretrained", help=f"Start from ImageNet weights {default('pretrained', 'on where they exist')}.")] = None,
