@@ -132,7 +132,7 @@ class CnnTrainGroup(TyperGroup):
         except ClickException as exc:
             if not standalone_mode:
                 raise
-            from cnntrain.cli import err
+            from cnntrain.cli.app import err
 
             err.print(f"[bold red]error:[/] {_escape(_one_line(exc))}", markup=True, highlight=False)
             sys.exit(exc.exit_code)

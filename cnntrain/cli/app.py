@@ -1,0 +1,134 @@
+"""The command line's frame: the Typer app, its consoles, the error wrapper, help-text helpers.
+
+Each command parses its options, makes one call into the library and prints the result.
+Expected failures arrive as ``CnnTrainError`` and leave, through the one ``command`` wrapper,
+as one red line and an exit code (2 for usage errors); only genuine bugs show a traceback.
+
+Defaults in the help of ``train`` are read from ``TrainConfig`` and every list of choices from
+``cnntrain.choices``, so the help cannot drift from the code. Nothing here imports torch until
+a command runs: ``cnntrain --help`` stays fast.
+"""
+
+# One option per line: the signatures read as tables of options.
+# ruff: noqa: E501
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from cnntrain import __version__
+from cnntrain.cli.group import CnnTrainGroup
+from cnntrain.config import TrainConfig
+from cnntrain.errors import CnnTrainError, UsageError, first_line
+
+app = typer.Typer(
+    name="cnntrain",
+    help="Train, fine-tune, evaluate and run CNN image classifiers (PyTorch + torchvision).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    cls=CnnTrainGroup,
+)
+# Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns; logs can be wider.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+Opt = typer.Option
+
+
+# --------------------------------------------------------------------------- errors and help texts
+
+
+def fail(exc: CnnTrainError) -> NoReturn:
+    """One line, whatever the message carries (DataLoader workers append their traceback).
+
+    Under torchrun other ranks name themselves, and stay silent when stopped by a signal
+    (rank 0 already says where the run was saved)."""
+    from cnntrain.train.distributed import rank
+    from cnntrain.train.signals import Interrupted
+
+    line = first_line(exc)
+    if rank() == 0:
+        err.print(f"[bold red]error:[/] {escape(line)}", markup=True, highlight=False)
+    elif not isinstance(exc, Interrupted):
+        err.print(f"[bold red]error (rank {rank()}):[/] {escape(line)}", markup=True, highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
+    """``app.command``, with every ``CnnTrainError`` of the command leaving through ``fail``."""
+
+    def register(func: F) -> F:
+        @functools.wraps(func)  # Typer reads the options from the wrapped signature
+        def run(*args: Any, **kw: Any) -> Any:
+            try:
+                return func(*args, **kw)
+            except CnnTrainError as exc:
+                fail(exc)
+
+        app.command(name, **kwargs)(run)
+        return run  # type: ignore[return-value]
+
+    return register
+
+
+def check_choice(option: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise UsageError(f"{option} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def one_of(choices: Sequence[str]) -> str:
+    """``('a', 'b', 'c')`` -> ``'a, b or c'``, for help texts."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else "".join(choices)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def default(name: str, when_none: str = "none") -> str:
+    """``(default: X)`` with X read from ``TrainConfig``; ``when_none`` says what None means."""
+    value = _DEFAULTS[name]
+    if value is None:
+        text = when_none
+    elif isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    return f"(default: {text})"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cnntrain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """cnntrain: transfer learning for image classifiers from the command line."""
+
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

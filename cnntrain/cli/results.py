@@ -1,0 +1,134 @@
+"""``cnntrain predict``, ``eval`` and ``export``: the commands that start from a trained checkpoint."""
+
+# One option per line: the signatures read as tables of options.
+# ruff: noqa: E501
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from cnntrain.choices import (
+    EVAL_FORMATS,
+    EVAL_SPLITS,
+    EXPORT_FORMATS,
+    PREDICT_FORMATS,
+)
+from cnntrain.cli.app import Opt, check_choice, command, err, one_of, out
+
+
+def _weights_or_latest(weights: Path | None, project: str) -> Path:
+    """``--weights``, or best.pt of the latest run, saying so on stderr."""
+    from cnntrain.checkpoint import resolve_weights
+
+    path, was_default = resolve_weights(weights, project)
+    if was_default:
+        err.print(f"using {path} (the latest run); pass --weights to choose another")
+    return path
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@command()
+def predict(
+    inputs: Annotated[list[str], typer.Argument(metavar="IMAGE", help="Images, folders or globs (quote globs: 'imgs/*.jpg').")],
+    weights: Annotated[Path | None, Opt(help="Checkpoint, or an export from `cnntrain export` (.onnx, or TorchScript) with its .json sidecar (default: best.pt of runs/latest).")] = None,
+    topk: Annotated[int, Opt(help="Classes to show per image.")] = 5,
+    fmt: Annotated[str, Opt("--format", help=f"{one_of(PREDICT_FORMATS)}.")] = "table",
+    batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 32,
+    tta: Annotated[bool, Opt("--tta", help="Test-time augmentation: average the probabilities of each image and its mirror image (two forward passes).")] = False,
+    device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
+) -> None:
+    """Classify images with a trained checkpoint; exit code 1 if any image could not be read."""
+    from cnntrain.predict import format_predictions, predict_files
+
+    check_choice("--format", fmt, PREDICT_FORMATS)
+    rows = predict_files(inputs, _weights_or_latest(weights, project), topk=topk, batch_size=batch_size,
+                         device=device, tta=tta)
+    if fmt == "table":
+        _print_prediction_table(rows)
+    else:
+        print(format_predictions(rows, fmt), end="")
+    if any(r.get("error") for r in rows):
+        raise typer.Exit(1)
+
+
+def _print_prediction_table(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    table.add_column("image", overflow="fold")
+    table.add_column("prediction")
+    table.add_column("prob", justify="right")
+    table.add_column("next", overflow="fold")
+    for r in rows:
+        if r["error"]:
+            table.add_row(r["path"], "[red]error[/]", "", escape(r["error"]))
+            continue
+        top, rest = r["predictions"][0], r["predictions"][1:]
+        table.add_row(r["path"], top["class"], f"{top['prob']:.3f}",
+                      ", ".join(f"{p['class']} {p['prob']:.3f}" for p in rest))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@command("eval")
+def eval_(
+    weights: Annotated[Path | None, Opt(help="Checkpoint (default: best.pt of runs/latest).")] = None,
+    data_path: Annotated[Path | None, Opt("--data-path", "--data", help="ImageFolder root (or train/ + val/) (default: the data the checkpoint was trained on).")] = None,
+    dataset: Annotated[str | None, Opt(help="Built-in dataset: shapes, flowers, cifar10, cifar100.")] = None,
+    split: Annotated[str, Opt(help=f"{one_of(EVAL_SPLITS)}.")] = "val",
+    fmt: Annotated[str, Opt("--format", help=f"{one_of(EVAL_FORMATS)}.")] = "table",
+    plot: Annotated[Path | None, Opt(help="Also write the confusion matrix as a PNG here.")] = None,
+    batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 64,
+    tta: Annotated[bool, Opt("--tta", help="Also score with test-time augmentation (each image and its mirror image, probabilities averaged) and show what it changes; the plain figures stay as they are.")] = False,
+    workers: Annotated[int | None, Opt(help="DataLoader worker processes.")] = None,
+    device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
+) -> None:
+    """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix of a checkpoint."""
+    from cnntrain.evaluation import evaluate_checkpoint, format_report, report_csv
+
+    check_choice("--format", fmt, EVAL_FORMATS)
+    check_choice("--split", split, EVAL_SPLITS)
+    report = evaluate_checkpoint(_weights_or_latest(weights, project), data_path=data_path, dataset=dataset,
+                                 split=split, batch_size=batch_size, workers=workers, device=device, plot=plot,
+                                 tta=tta, log=lambda s: err.print(escape(s)))
+    if fmt == "json":
+        print(json.dumps(report, indent=2))
+    elif fmt == "csv":
+        print(report_csv(report), end="")
+    else:
+        format_report(report, out)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@command()
+def export(
+    weights: Annotated[Path | None, Opt(help="Checkpoint to export (default: best.pt of runs/latest).")] = None,
+    fmt: Annotated[str, Opt("--format", help=f"{one_of(EXPORT_FORMATS)}.")] = "onnx",
+    output: Annotated[Path | None, Opt("--output", "-o", help="Exported file (default: beside the checkpoint, best.onnx / best.torchscript.pt); the sidecar is this name + .json.")] = None,
+    dynamic_batch: Annotated[bool, Opt("--dynamic-batch", help="Accept any batch size (default: exactly 1 image per call).")] = False,
+    opset: Annotated[int | None, Opt(help="ONNX opset version (default: 17).")] = None,
+    project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
+) -> None:
+    """Export a checkpoint to ONNX or TorchScript (uint8 RGB in, logits out) plus a JSON sidecar; verified against PyTorch."""
+    from cnntrain.export import export_checkpoint
+
+    check_choice("--format", fmt, EXPORT_FORMATS)
+    result = export_checkpoint(_weights_or_latest(weights, project), fmt, output, dynamic_batch=dynamic_batch,
+                               opset=opset)
+    size_mb = result.path.stat().st_size / 1e6
+    out.print(f"exported {result.path} ({size_mb:.1f} MB, {result.seconds:.1f}s), sidecar {result.sidecar}")
+    out.print(f"verified against PyTorch on batch sizes {', '.join(map(str, result.batch_sizes))}: "
+              f"max |logit difference| {result.max_abs_diff:.2e} (allowed {result.allowed:.1e})")
