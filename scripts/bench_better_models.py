@@ -9,10 +9,11 @@ option should move, with and without it, and the training time. Two data sets:
 
 - imbalanced: shapes with 160/80/40/20/10 training images per class (16x), the full balanced
   validation split, so accuracy on it is not flattered by the big class;
-- balanced: shapes as it is (160 per class), for EMA, mixup, cutmix and TTA.
+- few: shapes with 40 training images per class (balanced), trained twice as many epochs, for
+  EMA, mixup, cutmix and TTA: the few-hundred-photo regime where they are meant to help.
 
 Fine-tuning with --backbone-lr-mult starts from the imbalanced baseline's weights and trains 3
-epochs on the balanced set, head first for one epoch, then all layers.
+epochs on the few set, head first for one epoch, then all layers.
 
 `--part augment` measures the augmentation options instead, on generated arrows pointing left,
 right, up and down (a horizontal flip turns left into right): the photo default, --hflip 0 and
@@ -32,20 +33,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CNNTRAIN = [sys.executable, "-m", "cnntrain"]
 KEEP = {"circle": 160, "cross": 80, "square": 40, "star": 20, "triangle": 10}
+FEW = 40  # training images per class for the balanced runs: the few-hundred-photo regime
 
 
 def run(args: list[str], out: Path) -> dict:
+    """One training run (reused when its summary is already there, so an interrupted benchmark resumes)."""
+    name = args[args.index("--name") + 1]
+    done = out / "runs" / name / "summary.json"
+    if done.is_file():
+        return json.loads(done.read_text())
     subprocess.run([*CNNTRAIN, "train", *args, "--quiet", "--device", "cpu", "--project", str(out / "runs"),
                     "--exist-ok"], check=True, cwd=out, env={**os.environ, "MPLBACKEND": "Agg"})
-    name = args[args.index("--name") + 1]
-    return json.loads((out / "runs" / name / "summary.json").read_text())
+    return json.loads(done.read_text())
 
 
-def imbalanced_copy(shapes: Path, dest: Path) -> Path:
+def subset_copy(shapes: Path, dest: Path, keep_per_class: dict[str, int]) -> Path:
+    """shapes with only the first N training images of each class, and all of its validation split."""
     if dest.exists():
         return dest
     shutil.copytree(shapes / "val", dest / "val")
-    for cls, keep in KEEP.items():
+    for cls, keep in keep_per_class.items():
         (dest / "train" / cls).mkdir(parents=True)
         for path in sorted((shapes / "train" / cls).iterdir())[:keep]:
             shutil.copy(path, dest / "train" / cls / path.name)
@@ -121,11 +128,13 @@ def main() -> None:
         print("\n".join(augment_part(out, opts.epochs, opts.seed)))
         return
     shapes = shapes_folder(out)
-    skewed = imbalanced_copy(shapes, out / "shapes-imbalanced")
+    skewed = subset_copy(shapes, out / "shapes-imbalanced", KEEP)
+    few = subset_copy(shapes, out / "shapes-few", {cls: FEW for cls in KEEP})
     common = ["--epochs", str(opts.epochs), "--seed", str(opts.seed)]
     on_skewed = ["--data-path", str(skewed), "--img-size", "64", "--no-pretrained", "--opt", "adamw", "--lr", "0.002",
                  "--weight-decay", "0.05", *common]
-    on_shapes = ["--dataset", "shapes", *common]
+    on_shapes = ["--data-path", str(few), "--img-size", "64", "--no-pretrained", "--opt", "adamw", "--lr", "0.002",
+                 "--weight-decay", "0.05", "--epochs", str(2 * opts.epochs), "--seed", str(opts.seed)]
 
     lines = ["| option | metric | without | with | time without | time with |", "| --- | --- | --- | --- | --- | --- |"]
     base = run([*on_skewed, "--name", "skewed-base"], out)
@@ -134,12 +143,12 @@ def main() -> None:
         for metric, key in (("balanced accuracy", "best_val_balanced_acc"), ("macro-F1", "best_val_macro_f1")):
             lines.append(row(" ".join(option) + " (16x imbalance)", metric, base, other, key))
 
-    plain = run([*on_shapes, "--name", "shapes-base"], out)
+    plain = run([*on_shapes, "--name", "few-base"], out)
     for option in (["--ema"], ["--mixup", "0.2"], ["--cutmix", "1.0"]):
-        other = run([*on_shapes, *option, "--name", "shapes" + "-".join(option)], out)
+        other = run([*on_shapes, *option, "--name", "few" + "-".join(option)], out)
         lines.append(row(" ".join(option), "val accuracy", plain, other, "best_val_acc"))
 
-    best = out / "runs" / "shapes-base" / "best.pt"
+    best = out / "runs" / "few-base" / "best.pt"
     reports = [json.loads(subprocess.run([*CNNTRAIN, "eval", "--weights", str(best), "--format", "json", *extra],
                                          check=True, capture_output=True, text=True).stdout)
                for extra in ([], ["--tta"])]
@@ -147,8 +156,8 @@ def main() -> None:
                  f"({reports[1]['tta']['top1'] - reports[0]['top1']:+.3f}) | | |")
 
     start = out / "runs" / "skewed-base" / "best.pt"
-    tune = ["--dataset", "shapes", "--weights", str(start), "--epochs", "3", "--freeze-layers", "--unfreeze-epoch", "2",
-            "--seed", str(opts.seed)]
+    tune = ["--data-path", str(few), "--img-size", "64", "--weights", str(start), "--epochs", "3", "--freeze-layers",
+            "--unfreeze-epoch", "2", "--seed", str(opts.seed)]
     flat = run([*tune, "--name", "tune-1x"], out)
     slow = run([*tune, "--backbone-lr-mult", "0.1", "--name", "tune-0.1x"], out)
     lines.append(row("--backbone-lr-mult 0.1 (fine-tune, 3 epochs)", "val accuracy", flat, slow, "best_val_acc"))
