@@ -227,12 +227,13 @@ def test_cli_prints_json_and_writes_the_plot(runner, tmp_path, monkeypatch):
         assert im.format == "PNG" and im.size[0] > 300
 
     monkeypatch.chdir(tmp_path)  # table: the default plot path, and the train command to run next
-    table = runner.invoke(app, [*common, "--steps", "5", "--opt", "adamw"])
+    table = runner.invoke(app, [*common, "--steps", "5", "--opt", "adamw", "--aug-preset", "no-mirror"])
     assert table.exit_code == 0, table.output
+    assert "training transform: crop 0.6-1 of the area" in table.stderr  # the augmentation options reach it
     assert "suggested learning rate" in table.stdout and (tmp_path / "lr_find.png").is_file()
     hint = next(line for line in table.stdout.splitlines() if line.startswith("use it: "))
     assert hint.startswith(f"use it: cnntrain train --data-path {data} ") and "--no-pretrained" in hint
-    assert "--opt adamw" in hint and " --lr " in hint
+    assert "--opt adamw" in hint and " --lr " in hint and "--aug-preset no-mirror" in hint
 
 
 def test_plot_draws_a_test_that_stopped_after_one_step(tmp_path):

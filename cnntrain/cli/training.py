@@ -187,9 +187,11 @@ def lr_find(
     from cnntrain.plots import plot_lr_find
     from cnntrain.train import train_config
 
-    options = dict(data_path=data_path, dataset=dataset, img_size=img_size, workers=workers, arch=arch,
-                   pretrained=pretrained, weights=weights, freeze_layers=freeze_layers, batch_size=batch_size, opt=opt,
-                   momentum=momentum, weight_decay=weight_decay, device=device, seed=seed)
+    options = dict(data_path=data_path, dataset=dataset, img_size=img_size, aug_preset=aug_preset, hflip=hflip,
+                   vflip=vflip, crop_scale=crop_scale, crop_ratio=crop_ratio, rotate=rotate, color_jitter=color_jitter,
+                   workers=workers, arch=arch, pretrained=pretrained, weights=weights, freeze_layers=freeze_layers,
+                   batch_size=batch_size, opt=opt, momentum=momentum, weight_decay=weight_decay, device=device,
+                   seed=seed)
     given = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
     cfg, _ = train_config(given, config)
     say = lambda s: err.print(escape(s))  # noqa: E731 - stderr: --format json stays parseable
