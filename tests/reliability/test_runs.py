@@ -338,7 +338,7 @@ def test_nan_loss_stops_training_without_overwriting_checkpoints(runner, image_f
         trainer_epoch["n"] += 1
         return real_train(*a, **k)
 
-    monkeypatch.setattr(loss, "build_loss", lambda label_smoothing: NaNAfterFirstEpoch())
+    monkeypatch.setattr(loss, "build_loss", lambda label_smoothing, weight=None: NaNAfterFirstEpoch())
     monkeypatch.setattr(loop, "train_one_epoch", counting_train)
     result = run_cli(runner, "train", "--data-path", str(image_folder), *TINY, "--epochs", "3",
                      "--project", str(tmp_path))
