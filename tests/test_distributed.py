@@ -89,7 +89,7 @@ def test_sync_bn_on_cpu_is_refused_before_launch(runner, image_folder, tmp_path)
                           (["--feature-cache", "--lr", "0.005", "--lr-scale", "linear"],
                            ["--sampler", "balanced", "--class-weights", "auto", "--ema"])],
                          ids=["full-model", "feature-cache+lr-scale+balanced+ema"])
-def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path, variant, both):
+def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path, runner, variant, both):
     """torchrun with 2 ranks x batch 4 == 1 process x batch 8: same losses, accuracy and weights
     (frozen backbone, so BatchNorm statistics cannot differ between the two), one run folder,
     validation counted once over the whole set, no `module.` prefix in the checkpoint. With
@@ -98,7 +98,10 @@ def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_pa
     common = ["train", "--data-path", str(image_folder), *TINY, "--epochs", "2", "--freeze-layers", "--aug", "none",
               "--project", str(tmp_path / "runs"), *both]
     run([*TORCHRUN, "-m", "cnntrain", *common, "--batch-size", "4", "--name", "ddp", *variant], tmp_path)
-    run([*CNNTRAIN, *common, "--batch-size", "8", "--name", "single", "--no-feature-cache"], tmp_path)
+    from cnntrain.cli import app  # the one-process run here: no second torch import to wait for
+
+    single = runner.invoke(app, [*common, "--batch-size", "8", "--name", "single", "--no-feature-cache"])
+    assert single.exit_code == 0, single.output
 
     runs = tmp_path / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["ddp", "latest", "single"]
@@ -134,10 +137,18 @@ def start_job(image_folder: Path, tmp_path: Path, *extra: str) -> tuple[subproce
 
 
 @pytest.mark.slow
-def test_sigterm_saves_then_one_process_resumes(image_folder, tmp_path):
+def test_sigterm_saves_then_one_process_resumes(image_folder, tmp_path, runner):
     """SIGTERM to `cnntrain train --nproc 2` stops every rank at the same step, rank 0 saves and
     the job exits 143; the checkpoint resumes in a single process (the interrupted epoch is
-    replayed whole, as shards differ with the process count) and serves predict and eval."""
+    replayed whole, as shards differ with the process count) and serves predict and eval
+    (those three in this process: a fresh interpreter each would add a torch import apiece)."""
+    from cnntrain.cli import app
+
+    def here(*argv: str):
+        result = runner.invoke(app, list(argv))
+        assert result.exit_code == 0, result.output
+        return result
+
     job, run_dir = start_job(image_folder, tmp_path)
     try:
         job.send_signal(signal.SIGTERM)
@@ -150,18 +161,18 @@ def test_sigterm_saves_then_one_process_resumes(image_folder, tmp_path):
     saved = torch.load(run_dir / "last.pt", weights_only=True)
     assert saved["world_size"] == 2 and "module." not in "".join(saved["model"])
     epochs = saved["epoch"] + 1
-    resumed = run([*CNNTRAIN, "train", "--resume", str(run_dir), "--epochs", str(epochs)], tmp_path)
+    resumed = here("train", "--resume", str(run_dir), "--epochs", str(epochs))
     if saved.get("partial_epoch"):
         assert f"restarting epoch {epochs} from its start with 1" in resumed.stdout
     lines = (run_dir / "metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in lines[1:]] == [str(e) for e in range(1, epochs + 1)]
     assert torch.load(run_dir / "last.pt", weights_only=True)["world_size"] == 1
     image = next((image_folder / "red").iterdir())
-    predicted = run([*CNNTRAIN, "predict", str(image), "--weights", str(run_dir / "best.pt"),
-                     "--format", "json", "--device", "cpu"], tmp_path)
+    predicted = here("predict", str(image), "--weights", str(run_dir / "best.pt"), "--format", "json",
+                     "--device", "cpu")
     assert json.loads(predicted.stdout)[0]["predictions"]
-    run([*CNNTRAIN, "eval", "--weights", str(run_dir / "best.pt"), "--data-path", str(image_folder),
-         "--device", "cpu", "--workers", "0"], tmp_path)
+    here("eval", "--weights", str(run_dir / "best.pt"), "--data-path", str(image_folder), "--device", "cpu",
+         "--workers", "0")
 
 
 @pytest.mark.slow
