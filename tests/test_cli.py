@@ -68,6 +68,9 @@ def test_models_table_and_no_match(runner):
 def test_bad_option_value_is_usage_error(runner):
     result = runner.invoke(app, ["models", "--format", "xml"])
     assert result.exit_code == 2 and "--format" in result.stderr
+    # checked before a checkpoint or any data is looked for (there is neither here)
+    result = runner.invoke(app, ["eval", "--batch-size", "0", "--weights", "nowhere.pt"])
+    assert result.exit_code == 2 and "--batch-size must be at least 1" in result.stderr
 
 
 # --- download-weights through the CLI, against the loopback server -----------------------

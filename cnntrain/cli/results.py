@@ -19,6 +19,7 @@ from cnntrain.choices import (
     PREDICT_FORMATS,
 )
 from cnntrain.cli.app import Opt, check_choice, command, err, one_of, out
+from cnntrain.errors import UsageError
 
 
 def _weights_or_latest(weights: Path | None, project: str) -> Path:
@@ -99,6 +100,8 @@ def eval_(
 
     check_choice("--format", fmt, EVAL_FORMATS)
     check_choice("--split", split, EVAL_SPLITS)
+    if batch_size < 1:  # before the checkpoint and the data are read
+        raise UsageError("--batch-size must be at least 1")
     report = evaluate_checkpoint(_weights_or_latest(weights, project), data_path=data_path, dataset=dataset,
                                  split=split, batch_size=batch_size, workers=workers, device=device, plot=plot,
                                  tta=tta, log=lambda s: err.print(escape(s)))
