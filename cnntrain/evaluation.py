@@ -102,11 +102,7 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
         "split": split,
         "images": result.images,
         "unreadable": [{"path": p, "reason": r} for p, r in scan.bad],
-        "loss": result.loss,
-        "top1": result.acc,
-        "top5": result.top5,
-        "balanced_acc": matrix.scores()["balanced_acc"],
-        "macro_f1": matrix.scores()["macro_f1"],
+        **_headline(result),  # loss, top1, top5, balanced_acc, macro_f1
         "per_class": scored,  # the classes with images in this split
         "absent_classes": [str(row["class"]) for row in rows if not row["support"]],
         "classes": classes,  # the confusion matrix's rows and columns: all the checkpoint's classes

@@ -1,15 +1,9 @@
 """The command line's frame: the Typer app, its consoles, the error wrapper, help-text helpers.
 
-Each command parses its options, makes one call into the library and prints the result.
-Expected failures arrive as ``CnnTrainError`` and leave, through the one ``command`` wrapper,
-as one red line and an exit code (2 for usage errors); only genuine bugs show a traceback.
-
-Defaults in the help of ``train`` are read from ``TrainConfig`` and every list of choices from
-``cnntrain.choices``, so the help cannot drift from the code. Nothing here imports torch until
-a command runs: ``cnntrain --help`` stays fast.
+``command`` is the wrapper every command is registered through (see the package docstring);
+``default`` reads a help text's default from ``TrainConfig``.
 """
 
-# One option per line: the signatures read as tables of options.
 # ruff: noqa: E501
 
 from __future__ import annotations

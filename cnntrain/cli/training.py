@@ -36,7 +36,19 @@ def _panel(title: str) -> Callable[..., Any]:
 Data, Model, Optim, Hardware, Output = map(_panel, ("Data", "Model", "Optimisation", "Hardware", "Output"))
 _AUGS = ", ".join(a for a in AUGMENTATIONS if a != "none")
 
-# The augmentation options, shared by train and lr-find (which measures the loss training will see).
+# Options train and lr-find share (lr-find measures the loss the training it is for will see).
+DataPath = Annotated[Path | None, Data("--data-path", "--data", help="ImageFolder root: one sub-folder per class (or train/ + val/).")]
+ImgSize = Annotated[int | None, Data(help=f"Training crop size {default('img_size')}.")]
+Workers = Annotated[int | None, Data(help=f"DataLoader worker processes {default('workers', 'min(8, CPUs)')}.")]
+Arch = Annotated[str | None, Model(help=f"Architecture name (see `cnntrain models`) {default('arch')}.")]
+Pretrained = Annotated[bool | None, Model("--pretrained/--no-pretrained", help=f"Start from ImageNet weights {default('pretrained', 'on where they exist')}.")]
+Weights = Annotated[Path | None, Model(help="Start from a cnntrain checkpoint or a plain state dict.")]
+FreezeLayers = Annotated[bool | None, Model("--freeze-layers/--no-freeze-layers", help=f"Train only the classifier head {default('freeze_layers')}.")]
+Optimizer = Annotated[str | None, Optim(help=f"{one_of(OPTIMIZERS)} {default('opt')}.")]
+Momentum = Annotated[float | None, Optim(help=f"SGD momentum {default('momentum')}.")]
+WeightDecay = Annotated[float | None, Optim(help=f"L2 penalty on the weights {default('weight_decay')}.")]
+Device = Annotated[str | None, Hardware(help=f"auto, cpu, cuda, cuda:N or mps {default('device')}.")]
+Seed = Annotated[int | None, Hardware(help=f"Random seed {default('seed')}.")]
 AugPreset = Annotated[str | None, Data(help=f"Augmentation that fits the data: photo (mirrors and 8-100% crops), no-mirror (digits, text, signs: no flips, 60-100% crops, +-10 deg), light (few images: gentle); the options below change one value each {default('aug_preset')}.")]
 HFlip = Annotated[float | None, Data(help=f"Probability of a left-right mirror; 0 where a mirror image is another class {default('hflip')}.")]
 VFlip = Annotated[float | None, Data(help=f"Probability of an upside-down flip (aerial or microscope images) {default('vflip')}.")]
@@ -48,10 +60,10 @@ ColorJitter = Annotated[float | None, Data(help=f"Brightness, contrast and satur
 
 @command(no_args_is_help=False)
 def train(
-    data_path: Annotated[Path | None, Data("--data-path", "--data", help="ImageFolder root: one sub-folder per class (or train/ + val/).")] = None,
+    data_path: DataPath = None,
     dataset: Annotated[str | None, Data(help="Built-in dataset: shapes (offline; the default, trained from scratch at its own 64 px unless options say otherwise), flowers, cifar10, cifar100.")] = None,
     val_split: Annotated[float | None, Data(help=f"Held-out fraction per class when DIR is not pre-split {default('val_split')}.")] = None,
-    img_size: Annotated[int | None, Data(help=f"Training crop size {default('img_size')}.")] = None,
+    img_size: ImgSize = None,
     aug: Annotated[str | None, Data(help=f"Extra augmentation, comma-separated: {_AUGS}; 'none' = deterministic.")] = None,
     aug_preset: AugPreset = None,
     hflip: HFlip = None,
@@ -60,25 +72,25 @@ def train(
     crop_ratio: CropRatio = None,
     rotate: Rotate = None,
     color_jitter: ColorJitter = None,
-    workers: Annotated[int | None, Data(help=f"DataLoader worker processes {default('workers', 'min(8, CPUs)')}.")] = None,
+    workers: Workers = None,
     strict: Annotated[bool | None, Data("--strict/--no-strict", help=f"Any unreadable image is an error, instead of being skipped with a warning {default('strict')}.")] = None,
     cache: Annotated[str | None, Data(help=f"Decode each image once and keep it, resized, for every epoch: {one_of(CACHE_MODES)}; auto = RAM if it fits --cache-max-gb, else disk {default('cache')}.")] = None,
     cache_max_gb: Annotated[float | None, Data(help=f"RAM budget of --cache in GB {default('cache_max_gb', 'a quarter of the available memory')}.")] = None,
     sampler: Annotated[str | None, Data(help=f"{one_of(SAMPLERS)}: every image once per epoch, or classes drawn equally often (with replacement; for imbalanced folders) {default('sampler')}.")] = None,
     gpu_decode: Annotated[bool | None, Data("--gpu-decode/--no-gpu-decode", help=f"On CUDA, decode and augment JPEGs on the GPU (nvjpeg) instead of in the loader workers; turns the image cache off {default('gpu_decode')}.")] = None,
-    arch: Annotated[str | None, Model(help=f"Architecture name (see `cnntrain models`) {default('arch')}.")] = None,
-    pretrained: Annotated[bool | None, Model("--pretrained/--no-pretrained", help=f"Start from ImageNet weights {default('pretrained', 'on where they exist')}.")] = None,
-    weights: Annotated[Path | None, Model(help="Start from a cnntrain checkpoint or a plain state dict.")] = None,
-    freeze_layers: Annotated[bool | None, Model("--freeze-layers/--no-freeze-layers", help=f"Train only the classifier head {default('freeze_layers')}.")] = None,
+    arch: Arch = None,
+    pretrained: Pretrained = None,
+    weights: Weights = None,
+    freeze_layers: FreezeLayers = None,
     unfreeze_epoch: Annotated[int | None, Model(help="With --freeze-layers: unfreeze everything from this epoch on (1-based).")] = None,
     feature_cache: Annotated[bool | None, Model("--feature-cache/--no-feature-cache", help=f"With --freeze-layers and --aug none, run the backbone once and train the head on cached features {default('feature_cache')}.")] = None,
     epochs: Annotated[int | None, Optim(help=f"Passes over the training data {default('epochs')}.")] = None,
     batch_size: Annotated[str | None, Optim(help=f"Images per step, per process, or auto: on CUDA the largest batch that fits 85% of the GPU's memory, verified by a real step (config.yaml keeps the number) {default('batch_size')}.")] = None,
-    opt: Annotated[str | None, Optim(help=f"{one_of(OPTIMIZERS)} {default('opt')}.")] = None,
+    opt: Optimizer = None,
     lr: Annotated[str | None, Optim(help=f"Base learning rate, or auto: run the range test of `cnntrain lr-find` first and train at the rate it suggests (config.yaml keeps the number) {default('lr')}.")] = None,
-    momentum: Annotated[float | None, Optim(help=f"SGD momentum {default('momentum')}.")] = None,
+    momentum: Momentum = None,
     nesterov: Annotated[bool | None, Optim("--nesterov/--no-nesterov", help=f"Nesterov momentum for SGD {default('nesterov')}.")] = None,
-    weight_decay: Annotated[float | None, Optim(help=f"L2 penalty on the weights {default('weight_decay')}.")] = None,
+    weight_decay: WeightDecay = None,
     sched: Annotated[str | None, Optim(help=f"{one_of(SCHEDULES)} {default('sched')}.")] = None,
     step_size: Annotated[int | None, Optim(help=f"Epochs per step for --sched step {default('step_size')}.")] = None,
     gamma: Annotated[float | None, Optim(help=f"Decay factor for step/multistep {default('gamma')}.")] = None,
@@ -95,13 +107,13 @@ def train(
     backbone_lr_mult: Annotated[float | None, Optim(help=f"The backbone learns at --lr x this, the new head at --lr, e.g. 0.1 for pretrained weights {default('backbone_lr_mult')}.")] = None,
     clip_grad: Annotated[float | None, Optim(help="Clip the gradient norm to this value.")] = None,
     patience: Annotated[int | None, Optim(help="Stop after this many epochs without improvement.")] = None,
-    device: Annotated[str | None, Hardware(help=f"auto, cpu, cuda, cuda:N or mps {default('device')}.")] = None,
+    device: Device = None,
     amp: Annotated[bool | None, Hardware("--amp/--no-amp", help=f"Mixed precision on CUDA {default('amp', 'on')}.")] = None,
     compile: Annotated[bool | None, Hardware("--compile/--no-compile", help=f"torch.compile the model {default('compile')}.")] = None,
     nproc: Annotated[int | None, Hardware(help="Train data-parallel with this many processes on this machine (one per GPU), launched through torchrun; --batch-size is per process.")] = None,
     sync_bn: Annotated[bool | None, Hardware("--sync-bn/--no-sync-bn", help=f"Distributed, CUDA only: BatchNorm statistics over all processes {default('sync_bn')}.")] = None,
     lr_scale: Annotated[str | None, Hardware(help=f"Distributed: {one_of(LR_SCALES)}; none keeps --lr as given, linear multiplies it by the number of processes {default('lr_scale')}.")] = None,
-    seed: Annotated[int | None, Hardware(help=f"Random seed {default('seed')}.")] = None,
+    seed: Seed = None,
     deterministic: Annotated[bool | None, Hardware("--deterministic/--no-deterministic", help=f"Deterministic algorithms: reproducible, slower {default('deterministic')}.")] = None,
     project: Annotated[str | None, Output(help=f"Folder for runs {default('project')}.")] = None,
     name: Annotated[str | None, Output(help=f"Run name; taken names get 2, 3, ... {default('name')}.")] = None,
@@ -151,9 +163,9 @@ def _print_train_summary(result: Any) -> None:
 
 @command("lr-find", no_args_is_help=False)
 def lr_find(
-    data_path: Annotated[Path | None, Data("--data-path", "--data", help="ImageFolder root: one sub-folder per class (or train/ + val/).")] = None,
+    data_path: DataPath = None,
     dataset: Annotated[str | None, Data(help="Built-in dataset: shapes (offline; the default), flowers, cifar10, cifar100.")] = None,
-    img_size: Annotated[int | None, Data(help=f"Training crop size {default('img_size')}.")] = None,
+    img_size: ImgSize = None,
     aug_preset: AugPreset = None,
     hflip: HFlip = None,
     vflip: VFlip = None,
@@ -161,20 +173,20 @@ def lr_find(
     crop_ratio: CropRatio = None,
     rotate: Rotate = None,
     color_jitter: ColorJitter = None,
-    workers: Annotated[int | None, Data(help=f"DataLoader worker processes {default('workers', 'min(8, CPUs)')}.")] = None,
-    arch: Annotated[str | None, Model(help=f"Architecture name (see `cnntrain models`) {default('arch')}.")] = None,
-    pretrained: Annotated[bool | None, Model("--pretrained/--no-pretrained", help=f"Start from ImageNet weights {default('pretrained', 'on where they exist')}.")] = None,
-    weights: Annotated[Path | None, Model(help="Start from a cnntrain checkpoint or a plain state dict.")] = None,
-    freeze_layers: Annotated[bool | None, Model("--freeze-layers/--no-freeze-layers", help=f"Train only the classifier head {default('freeze_layers')}.")] = None,
+    workers: Workers = None,
+    arch: Arch = None,
+    pretrained: Pretrained = None,
+    weights: Weights = None,
+    freeze_layers: FreezeLayers = None,
     batch_size: Annotated[int | None, Optim(help=f"Images per step {default('batch_size')}.")] = None,
-    opt: Annotated[str | None, Optim(help=f"{one_of(OPTIMIZERS)} {default('opt')}.")] = None,
-    momentum: Annotated[float | None, Optim(help=f"SGD momentum {default('momentum')}.")] = None,
-    weight_decay: Annotated[float | None, Optim(help=f"L2 penalty on the weights {default('weight_decay')}.")] = None,
+    opt: Optimizer = None,
+    momentum: Momentum = None,
+    weight_decay: WeightDecay = None,
     start_lr: Annotated[float, Optim(help="The rate of the first step.")] = 1e-7,
     end_lr: Annotated[float, Optim(help="The rate of the last step; the test stops sooner if the loss diverges.")] = 10.0,
     steps: Annotated[int, Optim(help="Optimiser steps, the rate rising exponentially from --start-lr to --end-lr (the data is cycled if it has fewer batches).")] = 100,
-    device: Annotated[str | None, Hardware(help=f"auto, cpu, cuda, cuda:N or mps {default('device')}.")] = None,
-    seed: Annotated[int | None, Hardware(help=f"Random seed {default('seed')}.")] = None,
+    device: Device = None,
+    seed: Seed = None,
     plot: Annotated[Path, Output(help="Where to write the loss-against-lr plot (PNG).")] = Path("lr_find.png"),
     fmt: Annotated[str, Output("--format", help=f"{one_of(LR_FIND_FORMATS)}; json is one object (lrs, losses, smoothed, suggestion, method, diverged) on stdout.")] = "table",
     config: Annotated[Path | None, Output("--config", help="YAML file of train options; command-line flags win.")] = None,

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import v2
 
-from cnntrain.choices import AUG_PRESETS as AUG_PRESETS  # what --aug-preset sets: Augment's fields
 from cnntrain.choices import AUGMENTATIONS  # the names train_transform(aug=...) accepts
 from cnntrain.errors import UsageError
 

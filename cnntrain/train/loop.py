@@ -104,7 +104,8 @@ class EpochLoop:
         if phase.val is None:
             return None
         with self.reporter.bar(f"{what} epoch[{epoch}/{self.epochs}]", self.images[1]) as on_step:
-            return evaluate(net or phase.eval_net, phase.val, self.val_criterion or self.criterion, phase.batcher,
+            criterion = self.val_criterion if self.val_criterion is not None else self.criterion
+            return evaluate(net if net is not None else phase.eval_net, phase.val, criterion, phase.batcher,
                             self.num_classes, on_step=on_step, reduce=self.ctx.sum)
 
     def validate_average(self, phase: Phase, epoch: int) -> EvalResult | None:

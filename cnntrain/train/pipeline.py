@@ -113,9 +113,10 @@ def build_pipeline(splits: DatasetSplits, settings: PipelineSettings, *, device:
     if settings.deterministic:
         train_tf = eval_transform(settings.img_size)
     else:
-        train_tf = train_transform(settings.img_size, settings.aug, augment=settings.augment)
+        augment = settings.augment
+        train_tf = train_transform(settings.img_size, settings.aug, augment=augment)
         extras = [a for a in settings.aug if a != "none"]
-        log(f"training transform: {settings.augment.describe()}" + (f", then {', '.join(extras)}" if extras else ""))
+        log(f"training transform: {augment.describe()}" + (f", then {', '.join(extras)}" if extras else ""))
     sampler = train_sampler([label for _, label in splits.train], settings, ctx)
     # BatchNorm cannot train on a batch of one: skip that lone last sample (a different one
     # each epoch, as the order is shuffled) rather than crash at the end of the epoch.
