@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from cnntrain import fileio
+from cnntrain.config import LATEST, run_name_problem
 from cnntrain.errors import CheckpointError, UsageError, first_line
 from cnntrain.weights import safe_load
 
@@ -185,37 +186,57 @@ def check_project(project: str | Path) -> Path:
 
 
 def new_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path:
-    """``project/name``, or ``name2``, ``name3``... when taken."""
+    """Claim ``project/name``, or ``name2``, ``name3``... when taken; ``exist_ok`` shares ``name`` instead.
+
+    Claimed, not guessed: each candidate is created by a ``mkdir`` that fails when the folder is
+    already there, and a failure moves on to the next number. So N runs started at the same
+    moment with one ``--name`` (a CI matrix) get N folders; checking first and creating after
+    would let two of them pick the same folder and overwrite each other's checkpoints.
+    """
+    problem = run_name_problem(name)
+    if problem is not None:
+        raise UsageError(f"--name {name!r}: {problem}")
     project = check_project(project)
     try:
         project.mkdir(exist_ok=True)
-        run = project / name
-        index = 2
-        while run.exists() and not exist_ok:
-            run = project / f"{name}{index}"
-            index += 1
-        run.mkdir(exist_ok=True)
+        if exist_ok:
+            run = project / name
+            if run.exists() and not run.is_dir():
+                raise UsageError(f"--exist-ok: {run} is a file, not a run folder; choose another --name")
+            run.mkdir(exist_ok=True)
+            return run
+        index = 1
+        while True:
+            run = project / (name if index == 1 else f"{name}{index}")
+            try:
+                run.mkdir()
+                return run
+            except FileExistsError:  # a run (or a file, or a dangling link) has it: the next number
+                index += 1
     except OSError as exc:
         raise UsageError(f"cannot create a run folder in {project}: {exc.strerror or exc}") from None
-    return run
 
 
 def point_latest(run: Path) -> None:
     """Make ``project/latest`` point at ``run`` (a relative symlink, swapped atomically).
 
     Training calls this when it claims (or resumes) a run folder, so ``latest`` is the run last
-    started, finished or not: the one ``--resume auto``, predict, eval and export mean by default."""
-    link = run.parent / "latest"
-    if run.name == "latest" or (link.is_symlink() and link.resolve() == run.resolve()):
+    started, finished or not: the one ``--resume auto``, predict, eval and export mean by default.
+    The new link is made under a random temporary name and renamed over ``latest``, so runs that
+    start together each swap in a whole link: ``latest`` always names one of their folders,
+    never a half-made link or none."""
+    link = run.parent / LATEST
+    if run.name == LATEST or (link.is_symlink() and link.resolve() == run.resolve()):
         return  # already there (``--resume runs/latest`` must not make latest point at itself)
-    tmp = run.parent / f".latest.tmp-{os.getpid()}"
+    if link.is_dir() and not link.is_symlink():
+        return  # a real folder someone named latest: theirs, never replaced
+    tmp = run.parent / fileio.temp_name(link)
     try:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
         tmp.symlink_to(run.name, target_is_directory=True)
         os.replace(tmp, link)
     except OSError:
         # Filesystems without symlinks: a one-line text file naming the run.
+        tmp.unlink(missing_ok=True)
         fileio.atomic_write_text(link, run.name + "\n")
 
 

@@ -134,6 +134,9 @@ class TrainConfig:
         for bad, message in checks:
             if bad:
                 raise UsageError(message)
+        name_problem = run_name_problem(self.name)
+        if name_problem is not None:  # before any data is read, like every other output problem
+            raise UsageError(f"--name {self.name!r}: {name_problem}")
         if len(self.crop_scale) != 2 or len(self.crop_ratio) != 2:
             raise UsageError("--crop-scale and --crop-ratio take two numbers, MIN,MAX, e.g. --crop-scale 0.5,1")
         unknown = [a for a in self.aug if a not in AUGMENTATIONS]
@@ -153,6 +156,23 @@ class TrainConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+#: ``project/latest`` points at the run last started, so no run may be named that.
+LATEST = "latest"
+
+
+def run_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a run folder inside ``--project``, or None when it can.
+
+    A run is one folder directly in the project: a name with a separator or ``..`` would put it
+    somewhere else (or nowhere), and ``latest`` is the link to the run last started."""
+    if not isinstance(name, str) or not name.strip():
+        return "a run needs a name, e.g. --name exp"
+    if "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+        return "a run name is one folder name, without / or \\ (use --project for where runs go)"
+    if name == LATEST:
+        return f"reserved: project/{LATEST} points at the run last started; choose another --name"
+    return None
 
 # What a built-in dataset trains well with, beneath the recipe and the flags. `shapes` (the data
 # when none is named) is drawn at 64 px: ImageNet weights would need the network, and upsampling

@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "clean_stale_temps",
+    "exclusive_lock",
     "format_bytes",
     "fsync_dir",
     "is_temp_name",
@@ -130,6 +131,46 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike[str], on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the block.
+
+    For what several runs share: one builder of a disk image cache at a time, and the
+    read-merge-write of the scan and model-statistics caches, which would otherwise drop the
+    entries another run wrote meanwhile. POSIX ``flock``, so the kernel releases the lock of a
+    killed process and no run ever waits on a dead one. ``on_wait`` is called once if another
+    process holds it. Lock files are never deleted: unlinking one while a process waits on it
+    would let two hold "the" lock. Without ``flock`` (Windows, a file system that refuses
+    locks, a folder that cannot be written) the block runs unlocked; the writes inside are
+    atomic anyway, so the worst outcome is work done twice or a cache entry lost.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        handle = open(path, "a+b")  # held for the block, closed below
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # ENOLCK and the like: no locking here
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], Any]) -> Path:

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -103,26 +103,6 @@ def free_space(folder: Path) -> int | None:
         return None
 
 
-@contextlib.contextmanager
-def _build_lock(path: Path, log: Callable[[str], None]) -> Iterator[None]:
-    """One builder per key at a time (POSIX); others wait, then find the cache complete."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: concurrent builders each build, the first rename wins
-        yield
-        return
-    with open(path, "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"image cache: another process is building {path.parent / path.name[1:-5]}; waiting for it")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _newest_mtime(folder: Path) -> float:
     times = [folder.stat().st_mtime]
     with contextlib.suppress(OSError):
@@ -146,7 +126,8 @@ def write_disk_cache(paths: Sequence[str], nbytes: int, key: str, short_side: in
     did) and return it as read back; a failed or killed build leaves nothing that looks complete."""
     root = image_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    with _build_lock(root / f".{key}.lock", log):
+    waiting = f"image cache: another process is building {root / key}; waiting for it"
+    with fileio.exclusive_lock(root / f".{key}.lock", on_wait=lambda: log(waiting)):
         found = read_disk_cache(key)  # built by another process while we waited
         if found is not None:
             return found

@@ -9,7 +9,8 @@ Decoding a large dataset takes a while, so results are cached per file by (absol
 size, mtime_ns) in ``cnntrain.paths.scan_cache_dir()/<hash of the dataset root>.json``; a second
 run decodes only new or changed files. The cache also records the decoder's identity
 (:func:`~cnntrain.data.decode.decoder_id`: library versions, size limits), so upgrading any of
-them re-checks everything.
+them re-checks everything. Runs that scan one dataset at the same time share the file: each
+merges its verdicts in under a lock and writes it atomically, so it stays whole and keeps both.
 """
 
 from __future__ import annotations
@@ -97,11 +98,20 @@ def _load_cache(path: Path) -> dict[str, list[Any]]:
     return {}
 
 
-def _save_cache(path: Path, entries: dict[str, list[Any]]) -> None:
-    """Write atomically; a cache that cannot be written only costs time on the next run."""
-    data = {"version": CACHE_VERSION, "decoder": decoder_id(), "files": entries}
+def _save_cache(path: Path, entries: dict[str, list[Any]], current: set[str]) -> None:
+    """Merge this scan's ``entries`` into the cache file, atomically; ``current``: the files it checked.
+
+    The file is read again, under a lock, just before it is written: another run scanning the
+    same root meanwhile (two trainings started together) may have added verdicts, and writing
+    only ours would drop them. Entries of files that are gone are left out. A cache that cannot
+    be written only costs time on the next run."""
     try:
-        fileio.atomic_write_text(path, json.dumps(data, separators=(",", ":")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with fileio.exclusive_lock(path.with_name(f".{path.stem}.lock")):
+            merged = {**_load_cache(path), **entries}
+            merged = {k: v for k, v in merged.items() if k in current or os.path.exists(k)}
+            data = {"version": CACHE_VERSION, "decoder": decoder_id(), "files": merged}
+            fileio.atomic_write_text(path, json.dumps(data, separators=(",", ":")))
     except OSError as e:
         logger.debug("could not write the scan cache %s: %s", path, e)
 
@@ -195,9 +205,8 @@ def scan_samples(
         if cacheable:
             entries[ap] = [*keys[ap], reason]
             changed = True
-    if cache_path is not None and changed:
-        current = set(verdicts)  # keep other scans' entries (train and val share a root) unless gone
-        _save_cache(cache_path, {k: v for k, v in entries.items() if k in current or os.path.exists(k)})
+    if cache_path is not None and changed:  # other scans' entries (train and val share a root) are kept
+        _save_cache(cache_path, entries, set(verdicts))
 
     good = [s for s, ap in zip(samples, abspaths) if verdicts[ap] is None]
     bad = [(path, verdicts[ap] or "") for (path, _), ap in zip(samples, abspaths) if verdicts[ap] is not None]

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cnntrain.fileio import atomic_write_text
+from cnntrain.fileio import atomic_write_text, exclusive_lock
 from cnntrain.models.registry import get_spec
 from cnntrain.paths import model_stats_dir
 
@@ -78,6 +78,29 @@ def _progress(names: list[str]) -> list[str] | Iterator[str]:
     return iter(tqdm(names, desc="counting", unit="model", file=sys.stderr, leave=False, dynamic_ncols=True))
 
 
+def _read_stats(path: Path) -> dict[str, dict[str, float]]:
+    """The cached counts, or none when the file is missing or damaged (they are only recounted)."""
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cache, dict):
+        return {}
+    return {k: v for k, v in cache.items() if isinstance(v, dict) and {"params_m", "gmacs"} <= v.keys()}
+
+
+def _save_stats(path: Path, counted: dict[str, dict[str, float]]) -> None:
+    """Add ``counted`` to the cache file: re-read under a lock and written atomically, so two
+    commands counting at once (two `cnntrain models` in a CI matrix) keep each other's counts."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(path.with_name(f".{path.stem}.lock")):
+            merged = {**_read_stats(path), **counted}
+            atomic_write_text(path, json.dumps(merged, indent=1, sort_keys=True))
+    except OSError:
+        pass  # a read-only cache only costs time
+
+
 def model_stats_cached(names: list[str], img_size: int = 224,
                        log: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
     """``model_stats`` for many models, remembered across calls (keyed by library versions).
@@ -86,20 +109,13 @@ def model_stats_cached(names: list[str], img_size: int = 224,
     count of the whole zoo takes tens of seconds; a tqdm bar follows on stderr when it is a terminal.
     """
     path = _stats_cache_path()
-    try:
-        cache = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cache = {}
+    cache = _read_stats(path)
     missing = [n for n in names if f"{n}@{img_size}" not in cache]
     if missing and log is not None:
         log(f"counting parameters and MACs of {len(missing)} architecture{'s' if len(missing) != 1 else ''} "
             f"at {img_size} px: a one-time cost, cached in {path} for later calls")
-    for name in _progress(missing):
-        cache[f"{name}@{img_size}"] = model_stats(name, img_size)
-    if missing:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
-        except OSError:
-            pass  # a read-only cache only costs time
+    counted = {f"{name}@{img_size}": model_stats(name, img_size) for name in _progress(missing)}
+    if counted:
+        _save_stats(path, counted)
+    cache.update(counted)
     return {n: cache[f"{n}@{img_size}"] for n in names}
