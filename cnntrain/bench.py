@@ -56,11 +56,24 @@ def _timer(fn: Callable[[], Any]) -> Any:
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
 
 
-def _median_seconds(fn: Callable[[], Any], runs: int, target: float = 0.2) -> float:
-    """Median seconds per call of ``fn`` over ``runs`` blocks, after a warm-up."""
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for ``device``'s queued work: a GPU call returns when its kernels are queued, not done."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _median_seconds(fn: Callable[[], Any], runs: int, target: float = 0.2,
+                    sync: Callable[[], None] = lambda: None) -> float:
+    """Median seconds per call of ``fn`` over ``runs`` blocks, after a warm-up.
+
+    ``sync`` (:func:`synchronizer`) brackets the call that sizes the blocks: unsynchronised, a GPU
+    call times only its kernel launches, and the blocks would be many times too long."""
     fn()  # first call: allocations, cudnn autotuning, lazy init
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     once = max(time.perf_counter() - start, 1e-6)
     number = max(1, min(100, int(target / once)))  # cheap calls are grouped into blocks of ~target s
     timer = _timer(fn)
@@ -116,6 +129,7 @@ def bench_model(name: str, *, img_size: int, batch_size: int, device: torch.devi
     """Stats and model timings of one architecture; also returns the model (for the pipeline)."""
     from cnntrain.models import get_model, get_spec
     from cnntrain.models.stats import count_macs, model_stats_cached
+    from cnntrain.runtime import grad_scaler
 
     size = max(img_size, get_spec(name).min_size)
     model = get_model(name, num_classes=num_classes, pretrained=False)
@@ -133,16 +147,17 @@ def bench_model(name: str, *, img_size: int, batch_size: int, device: torch.devi
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None, "channels_last": channels_last,
         "num_classes": num_classes, "params_m": round(params_m, 4), "gmacs": round(gmacs, 4),
     }
+    sync = synchronizer(device)
     try:
         model.eval()
         row["infer_images_per_s"] = batch_size / _median_seconds(
-            _infer_fn(model, batch_size, size, device, channels_last, amp_dtype), runs)
-        row["latency_ms"] = 1000 * _median_seconds(_infer_fn(model, 1, size, device, channels_last, amp_dtype), runs)
+            _infer_fn(model, batch_size, size, device, channels_last, amp_dtype), runs, sync=sync)
+        row["latency_ms"] = 1000 * _median_seconds(_infer_fn(model, 1, size, device, channels_last, amp_dtype), runs,
+                                                   sync=sync)
         model.train()
-        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         step = _step_fn(model, batch_size, size, num_classes, device, channels_last, amp_dtype,
-                        _make_optimizer(model), scaler)
-        row["train_images_per_s"] = batch_size / _median_seconds(step, runs)
+                        _make_optimizer(model), grad_scaler(amp_dtype))
+        row["train_images_per_s"] = batch_size / _median_seconds(step, runs, sync=sync)
     except torch.OutOfMemoryError:
         raise CnnTrainError(f"{name}: out of memory at batch {batch_size}, {size}px; try a smaller "
                             "--batch-size") from None
@@ -166,8 +181,9 @@ def bench_pipeline(row: dict[str, Any], model: nn.Module, splits: Any, *, device
     to read decoded images from, as ``fit`` does (None: decode every file every epoch).
     ``gpu_decode``: decode JPEGs on a CUDA device, as ``train --gpu-decode``.
     """
-    from cnntrain.engine import train_one_epoch
+    from cnntrain.engine import sync_every_for, train_one_epoch
     from cnntrain.models import normalisation
+    from cnntrain.runtime import grad_scaler
     from cnntrain.train.pipeline import PipelineSettings, build_pipeline
 
     mean, std = normalisation(row["arch"])
@@ -187,20 +203,20 @@ def bench_pipeline(row: dict[str, Any], model: nn.Module, splits: Any, *, device
             if targets.numel():
                 images, targets = data.batcher(images, targets)
                 seen += targets.numel()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronizer(device)()
         data_rates.append(seen / max(time.perf_counter() - start, 1e-9))
         log(f"{row['arch']}: data epoch {epoch + 1}/{epochs}: {data_rates[-1]:.1f} images/s")
     del data
 
     train = pipeline()
     optimizer = _make_optimizer(model)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    scaler = grad_scaler(amp_dtype)
     criterion = nn.CrossEntropyLoss()
     train_rates = []
     for epoch in range(epochs):
         train.sampler.set_epoch(epoch)
-        totals = train_one_epoch(model, train.train, optimizer, criterion, train.batcher, epoch=epoch, scaler=scaler)
+        totals = train_one_epoch(model, train.train, optimizer, criterion, train.batcher, epoch=epoch, scaler=scaler,
+                                 sync_every=sync_every_for(device))  # as fit() trains
         train_rates.append(totals.summary()["images_per_s"])
         log(f"{row['arch']}: training epoch {epoch + 1}/{epochs}: {train_rates[-1]:.1f} images/s")
     e2e = _median_after_first(train_rates)

@@ -20,8 +20,18 @@ import torch.nn as nn
 
 from cnntrain.data.transforms import Normalize
 from cnntrain.errors import CnnTrainError
-from cnntrain.metrics import ConfusionMatrix, topk_correct
+from cnntrain.metrics import ConfusionMatrix, topk_hits
 from cnntrain.tta import average_log_probs, average_probs, view_logits
+
+# On a GPU, reading a value back (the loss, a count) waits for every queued kernel and stalls the
+# queue; the loops read every so many steps there, and every step on the CPU, where it is free.
+GPU_SYNC_EVERY = 20
+
+
+def sync_every_for(device: torch.device) -> int:
+    """How many steps the loops let pass between reads of the device's values."""
+    return 1 if device.type == "cpu" else GPU_SYNC_EVERY
+
 
 StepCallback = Callable[[dict[str, float]], None]
 #: Device-side training batch -> batch (e.g. mixup); targets may become soft (N x classes).
@@ -166,6 +176,7 @@ def train_one_epoch(
     sync_every: int = 1,
     batch_transform: BatchTransform | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
+    agree: Callable[[bool], bool] | None = None,
 ) -> EpochTotals:
     """Train for one pass over ``loader`` (continuing ``totals`` when resuming mid-epoch).
 
@@ -179,6 +190,10 @@ def train_one_epoch(
     Seams for training features: ``batch_transform`` rewrites each device-side batch before the
     forward pass (mixup, cutmix; accuracy is then counted against the targets' argmax), and
     ``after_step(model)`` runs after every optimiser step (an average of the weights).
+
+    ``agree(has_batch)``: under DDP, whether every rank has a batch this step (``DistContext.all``).
+    A batch of only unreadable images is skipped, and a rank that skipped alone would leave the
+    others waiting in the gradient all-reduce, so then every rank skips that step.
     """
     model.train()
     if prepare_model is not None:
@@ -189,10 +204,12 @@ def train_one_epoch(
         images, targets, skipped = unpack(batch)
         totals.skipped.extend(skipped)
         totals.batches += 1
-        if targets.numel() == 0:
+        if targets.numel():
+            images, targets = batcher(images, targets)  # (--gpu-decode may find none decodable)
+        has_batch = targets.numel() > 0
+        if not (agree(has_batch) if agree is not None else has_batch):
             continue
         totals.steps += 1
-        images, targets = batcher(images, targets)
         if batch_transform is not None:
             images, targets = batch_transform(images, targets)
         with batcher.autocast():
@@ -268,34 +285,52 @@ def evaluate_with_tta(
 
 
 class _Scores:
-    """Running sums of one way of scoring a set: loss, top-1/top-5 hits, confusion matrix."""
+    """Running sums of one way of scoring a set: loss, top-1/top-5 hits, confusion matrix.
+
+    The sums stay on the scores' device and are read back once, by :meth:`result`: on a GPU a
+    read per batch would wait for every queued kernel, four or five times a batch."""
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self.matrix = ConfusionMatrix(num_classes)
-        self.loss_sum, self.top1, self.top5, self.seen = 0.0, 0, 0, 0
+        self.sums: torch.Tensor | None = None  # loss sum, top-1 hits, top-5 hits, images
+        self.matrix: torch.Tensor | None = None  # int64 (true, predicted) counts
 
     def add(self, scores: torch.Tensor, loss: torch.Tensor, targets: torch.Tensor) -> None:
         """One batch: ``scores`` rank the classes (logits or probabilities), ``loss`` is its mean."""
+        if self.sums is None or self.matrix is None:
+            dtype = torch.float32 if scores.device.type == "mps" else torch.float64  # (MPS has no float64)
+            self.sums = torch.zeros(4, dtype=dtype, device=scores.device)
+            self.matrix = torch.zeros(self.num_classes ** 2, dtype=torch.int64, device=scores.device)
         n = targets.size(0)
-        self.loss_sum += float(loss) * n
-        hits = topk_correct(scores.float(), targets, ks=(1, 5))
-        self.top1, self.top5, self.seen = self.top1 + hits[1], self.top5 + hits[5], self.seen + n
-        self.matrix.update(scores.argmax(1).cpu(), targets.cpu())
+        hits = topk_hits(scores.float(), targets, ks=(1, 5)).to(self.sums.dtype)
+        batch = torch.cat([(loss.detach().to(self.sums.dtype) * n).reshape(1), hits,
+                           torch.full((1,), n, dtype=self.sums.dtype, device=scores.device)])
+        self.sums += batch
+        cells = targets.to(torch.int64) * self.num_classes + scores.argmax(1)
+        self.matrix.index_add_(0, cells, torch.ones_like(cells))
+
+    def running(self) -> tuple[float, float, int]:
+        """Loss and top-1 so far, and the images (one read of the device, for a progress bar)."""
+        if self.sums is None:
+            return math.nan, math.nan, 0
+        loss_sum, top1, _, seen = self.sums.tolist()
+        return loss_sum / max(seen, 1), top1 / max(seen, 1), int(seen)
 
     def result(self, seconds: float, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> EvalResult:
-        loss_sum, top1, top5, seen = self.loss_sum, self.top1, self.top5, self.seen
-        if reduce is not None:
-            sums = reduce(torch.tensor([loss_sum, top1, top5, seen], dtype=torch.float64))
-            loss_sum, top1, top5, seen = float(sums[0]), int(sums[1]), int(sums[2]), int(sums[3])
-            self.matrix.matrix = reduce(self.matrix.matrix)
+        sums = self.sums if self.sums is not None else torch.zeros(4, dtype=torch.float64)
+        counts = self.matrix if self.matrix is not None else torch.zeros(self.num_classes ** 2, dtype=torch.int64)
+        if reduce is not None:  # every rank calls this, also one whose shard was empty
+            sums, counts = reduce(sums), reduce(counts)
+        loss_sum, top1, top5, seen = sums.tolist()
+        matrix = ConfusionMatrix(self.num_classes)
+        matrix.matrix += counts.cpu().reshape(self.num_classes, self.num_classes)
         return EvalResult(
             loss=loss_sum / seen if seen else math.nan,
             acc=top1 / seen if seen else math.nan,
             top5=(top5 / seen if seen else math.nan) if self.num_classes > 5 else None,
-            images=seen,
+            images=int(seen),
             seconds=seconds,
-            confusion=self.matrix,
+            confusion=matrix,
         )
 
 
@@ -303,15 +338,18 @@ def _evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, batcher:
               tta: bool, on_step: StepCallback | None,
               reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[EvalResult, EvalResult | None]:
     """The loop behind :func:`evaluate` and :func:`evaluate_with_tta`: plain scores, and with
-    ``tta`` also those of the averaged views of each device-side batch."""
+    ``tta`` also those of the averaged views of each device-side batch. The progress callback
+    reads the running figures every :func:`sync_every_for` batches."""
     model.eval()
     plain, augmented = _Scores(num_classes), (_Scores(num_classes) if tta else None)
+    every, unreported = sync_every_for(batcher.device), 0
     start = time.perf_counter()
-    for batch in loader:
+    for index, batch in enumerate(loader):
         images, targets, _ = unpack(batch)
+        if targets.numel():
+            images, targets = batcher(images, targets)
         if targets.numel() == 0:
             continue
-        images, targets = batcher(images, targets)
         with batcher.autocast():
             views = view_logits(model, images) if tta else [model(images)]
             loss = criterion(views[0], targets)
@@ -319,9 +357,11 @@ def _evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, batcher:
         if augmented is not None:  # the flip of the normalised batch = the normalised flip of the images
             nll = nn.functional.nll_loss(average_log_probs(views), targets)
             augmented.add(average_probs(views), nll, targets)
-        if on_step is not None:
-            elapsed = time.perf_counter() - start
-            on_step({"loss": plain.loss_sum / plain.seen, "acc": plain.top1 / plain.seen, "n": targets.size(0),
-                     "images_per_s": plain.seen / max(elapsed, 1e-9)})
+        unreported += targets.size(0)
+        if on_step is not None and (index + 1) % every == 0:
+            loss_so_far, acc, seen = plain.running()
+            on_step({"loss": loss_so_far, "acc": acc, "n": unreported,
+                     "images_per_s": seen / max(time.perf_counter() - start, 1e-9)})
+            unreported = 0
     seconds = time.perf_counter() - start
     return plain.result(seconds, reduce), (augmented.result(seconds, reduce) if augmented is not None else None)

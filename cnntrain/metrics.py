@@ -18,6 +18,7 @@ __all__ = [
     "ConfusionMatrix",
     "classification_report",
     "topk_correct",
+    "topk_hits",
 ]
 
 
@@ -28,6 +29,13 @@ def topk_correct(logits: Tensor, targets: Tensor, ks: Iterable[int] = (1, 5)) ->
     call serves any dataset. Counts rather than ratios, so batches and ranks can be summed.
     """
     ks = tuple(int(k) for k in ks)
+    return dict(zip(ks, topk_hits(logits, targets, ks).tolist()))
+
+
+def topk_hits(logits: Tensor, targets: Tensor, ks: Iterable[int] = (1, 5)) -> Tensor:
+    """:func:`topk_correct`'s counts as an int64 tensor on the logits' device, in the order of
+    ``ks``: summed over batches there, they are read back once per pass instead of every batch."""
+    ks = tuple(int(k) for k in ks)
     if any(k < 1 for k in ks):
         raise ValueError(f"top-k needs k >= 1, got {ks}")
     if logits.dim() != 2:
@@ -35,17 +43,15 @@ def topk_correct(logits: Tensor, targets: Tensor, ks: Iterable[int] = (1, 5)) ->
     targets = targets.reshape(-1)
     if targets.numel() != logits.shape[0]:
         raise ValueError(f"{logits.shape[0]} logits rows but {targets.numel()} targets")
-    if not ks:
-        return {}
-    if logits.shape[0] == 0:
-        return {k: 0 for k in ks}
+    if not ks or logits.shape[0] == 0:
+        return torch.zeros(len(ks), dtype=torch.int64, device=logits.device)
     num_classes = logits.shape[1]
     maxk = min(max(ks), num_classes)
     top = logits.topk(maxk, dim=1).indices  # (batch, maxk), best first
     hit = top.eq(targets.to(top.device).unsqueeze(1))  # at most one True per row
     # Cumulative hits: hit_by_rank[:, j] says "target within the best j+1".
     hit_by_rank = hit.cumsum(dim=1).sum(dim=0)
-    return {k: int(hit_by_rank[min(k, num_classes) - 1]) for k in ks}
+    return torch.stack([hit_by_rank[min(k, num_classes) - 1] for k in ks])  # (no host copy of an index)
 
 
 class ConfusionMatrix:

@@ -138,8 +138,8 @@ def test_ema_equals_the_hand_computed_average_over_three_steps():
 
 
 def _state(model, ema_decay=0.9):
-    return TrainingState.create(model, OptimizerSettings(), ScheduleSettings(epochs=3), fp16=False, monitor="val_acc",
-                                patience=None, ema_decay=ema_decay)
+    return TrainingState.create(model, OptimizerSettings(), ScheduleSettings(epochs=3), amp_dtype=None,
+                                monitor="val_acc", patience=None, ema_decay=ema_decay)
 
 
 def test_the_ema_state_resumes_exactly():

@@ -69,7 +69,7 @@ def test_bench_times_the_pipeline_that_fit_builds(splits, monkeypatch):
 
 def _state(model: nn.Module, **kw) -> TrainingState:
     cfg = build_config({"data_path": "photos"}, {"epochs": 4, **kw})  # (no data at all: shapes, with AdamW)
-    return TrainingState.create(model, cfg.pick(OptimizerSettings), cfg.pick(ScheduleSettings), fp16=False,
+    return TrainingState.create(model, cfg.pick(OptimizerSettings), cfg.pick(ScheduleSettings), amp_dtype=None,
                                 monitor="val_acc", patience=cfg.patience)
 
 

@@ -114,7 +114,7 @@ def train(
     sync_bn: Annotated[bool | None, Hardware("--sync-bn/--no-sync-bn", help=f"Distributed, CUDA only: BatchNorm statistics over all processes {default('sync_bn')}.")] = None,
     lr_scale: Annotated[str | None, Hardware(help=f"Distributed: {one_of(LR_SCALES)}; none keeps --lr as given, linear multiplies it by the number of processes {default('lr_scale')}.")] = None,
     seed: Seed = None,
-    deterministic: Annotated[bool | None, Hardware("--deterministic/--no-deterministic", help=f"Deterministic algorithms: reproducible, slower {default('deterministic')}.")] = None,
+    deterministic: Annotated[bool | None, Hardware("--deterministic/--no-deterministic", help=f"Deterministic algorithms: reproducible on the CPU, slower; on CUDA an operation with no deterministic kernel still runs, with a warning {default('deterministic')}.")] = None,
     project: Annotated[str | None, Output(help=f"Folder for runs {default('project')}.")] = None,
     name: Annotated[str | None, Output(help=f"Run name; taken names get 2, 3, ... {default('name')}.")] = None,
     exist_ok: Annotated[bool | None, Output("--exist-ok", help=f"Reuse project/name instead of numbering {default('exist_ok')}.")] = None,

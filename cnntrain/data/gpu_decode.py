@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from cnntrain.data.datasets import ImageDataset, Unreadable
 from cnntrain.data.decode import TEXT_LIMIT, ImageDecodeError, decode_image
 from cnntrain.data.loader import collate_skipping
 from cnntrain.errors import first_line
+from cnntrain.runtime import seed_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,8 @@ class EncodedBatch:
 
     def decode_on(self, device: torch.device | str, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(uint8 images on device, targets)``; an image that cannot be decoded at all is
-        dropped with a warning (its target too)."""
+        dropped with a warning (its target too). When none can be, the batch is empty, as the
+        CPU path's is, and the loops skip it (under DDP every rank then skips that step)."""
         device = torch.device(device)
         jpegs = [i for i, item in enumerate(self.items) if isinstance(item, Encoded)]
         decoded = dict(zip(jpegs, _decode_jpegs([self.items[i].data for i in jpegs], device)))
@@ -163,31 +165,90 @@ class EncodedBatch:
                 out.append(_transform(image, item))
             keep.append(i)
         if not out:
-            raise ImageDecodeError(self.items[0].path, "no image of this batch could be decoded "  # type: ignore[union-attr]
-                                   "(rerun with --no-gpu-decode to skip them)")
+            return torch.empty((0, 3, 0, 0), dtype=torch.uint8, device=device), targets[:0]
         targets = targets if len(keep) == len(self.items) else targets[torch.as_tensor(keep)]
         return torch.stack(out), targets
 
 
 def _decode_jpegs(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    """Decode on ``device`` in one call; if that fails, one by one (None for each that fails)."""
+    """Decode on ``device`` in one call; if that fails, one by one (None for each that fails).
+
+    Out of memory is not a failure to decode: it goes up, so that training says to try a smaller
+    ``--batch-size`` instead of quietly decoding every batch on the CPU."""
     if not blobs:
         return []
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+    def decode(data: torch.Tensor | list[torch.Tensor]) -> Any:
         try:
-            return list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device))
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as exc:
+            _raise_if_out_of_memory(exc)
+            raise
+
+    def decode_all() -> list[torch.Tensor | None]:
+        try:
+            return list(decode(blobs))
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:
             pass
         results: list[torch.Tensor | None] = []
         for blob in blobs:
             try:
-                results.append(decode_jpeg(blob, mode=ImageReadMode.RGB, device=device))
+                results.append(decode(blob))
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError:
                 results.append(None)
         return results
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        return in_stream_order(decode_all, device)
+
+
+def _raise_if_out_of_memory(exc: RuntimeError) -> None:
+    """torchvision wraps whatever fails inside nvjpeg, the allocator's out-of-memory included, in
+    a plain RuntimeError ("Error while decoding JPEG images: CUDA out of memory ...")."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        raise exc
+    if "out of memory" in str(exc).lower():
+        raise torch.OutOfMemoryError(first_line(exc)) from exc
+
+
+#: One side stream per GPU for the decoder's output allocations (see in_stream_order).
+_SIDE_STREAMS: dict[int, Any] = {}
+
+
+def in_stream_order(decode: Callable[[], Sequence[torch.Tensor | None]], device: torch.device
+                    ) -> list[torch.Tensor | None]:
+    """Run ``decode`` (nvjpeg) so that its outputs cannot overwrite memory queued kernels still read.
+
+    torchvision's ``decode_jpegs_cuda`` (torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp)
+    allocates the output tensors on the caller's current stream, decodes into them on a stream of
+    its own, and only then makes the current stream wait for its stream. Its stream never waits
+    for the current one. The caching allocator hands out a block as soon as a tensor on that
+    stream is freed, while the kernels that read it (the previous step, whose loss is read only
+    every 20 steps) may still be queued, so nvjpeg could write into memory they still read.
+
+    So the decode runs with a side stream current: its outputs come from that stream's blocks. The
+    main stream waits for the side stream, and each output is recorded on the main stream, so
+    the allocator gives its block out again only after the main stream's work with it is done."""
+    if device.type != "cuda":
+        return list(decode())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    main = torch.cuda.current_stream(index)
+    side = _SIDE_STREAMS.get(index)
+    if side is None:
+        side = _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    with torch.cuda.stream(side):
+        images = list(decode())
+    main.wait_stream(side)
+    for image in images:
+        if image is not None:
+            image.record_stream(main)
+    return images
 
 
 def _transform(image: torch.Tensor, item: Encoded) -> torch.Tensor:
@@ -195,7 +256,7 @@ def _transform(image: torch.Tensor, item: Encoded) -> torch.Tensor:
     if item.transform is None:
         return image
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(item.seed)
+        seed_cpu(item.seed)  # v2 transforms draw on the CPU; the CUDA generators stay the model's
         return item.transform(image)
 
 

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence, Sized
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from cnntrain.runtime import seed_cpu
+
 
 def balanced_weights(labels: Sequence[int]) -> torch.Tensor:
     """Per-sample weights under which every class present is drawn equally often."""
@@ -88,5 +90,5 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         sample_seed, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            seed_cpu(sample_seed)  # only the CPU's: fork_rng(devices=[]) restores no CUDA generator
             return self.dataset[index]

@@ -14,7 +14,7 @@ import os
 import signal
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,9 +22,13 @@ import torch.distributed as dist
 
 from cnntrain.errors import CnnTrainError, UsageError, first_line
 
-# How long a rank waits for the others at a collective before giving up; a dead worker is
-# normally noticed much sooner by torchrun, which then stops the whole job.
+# How long a rank waits for the others at a training collective before giving up; a dead worker
+# is normally noticed much sooner by torchrun, which then stops the whole job.
 TIMEOUT = datetime.timedelta(minutes=10)
+# How long the other ranks wait while rank 0 sets up alone (the first scan of a large dataset
+# decodes every image; weights and datasets download). Only a rank 0 that is alive and working
+# keeps them waiting: one that dies is noticed by torchrun, which stops the job.
+SETUP_TIMEOUT = datetime.timedelta(hours=6)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    # A gloo group with SETUP_TIMEOUT, for the waits of set-up and the per-step agreement: on the
+    # CPU, so it neither waits for the GPU's queue nor meets NCCL's watchdog.
+    host_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -47,6 +54,19 @@ class DistContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def setup_barrier(self) -> None:
+        """A barrier that waits as long as set-up may take (:data:`SETUP_TIMEOUT`)."""
+        if self.enabled:
+            dist.barrier(group=self.host_group)
+
+    def all(self, flag: bool) -> bool:
+        """True on every rank when every rank says so (a small all-reduce on the host group)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.host_group)
+        return bool(value.item())
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks, returned on ``values``' device (NCCL reduces on the GPU)."""
@@ -66,24 +86,27 @@ class DistContext:
         return bool(value.item())
 
     def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (e.g. the run folder rank 0 just created)."""
+        """Rank 0's ``obj`` on every rank (e.g. the run folder rank 0 just created, or the learning
+        rate its range test found): set-up values, so over the host group and its long timeout."""
         if not self.enabled:
             return obj
         holder = [obj if self.is_main else None]
-        dist.broadcast_object_list(holder, src=0)
+        dist.broadcast_object_list(holder, src=0, group=self.host_group)
         return holder[0]
 
     @contextmanager
     def main_first(self) -> Iterator[None]:
         """Rank 0 runs the block first (downloads, scans, disk caches), then the others, which
-        find its results cached, so no file is written twice."""
+        find its results cached, so no file is written twice. The others wait at a barrier of
+        the host group, whose timeout fits set-up, not at one with the training collectives' 10
+        minutes (on a large dataset's first run NCCL's watchdog would end the job)."""
         if not self.is_main:
-            self.barrier()
+            self.setup_barrier()
         try:
             yield
         finally:
             if self.is_main:
-                self.barrier()
+                self.setup_barrier()
 
 
 def _collective_device() -> torch.device:
@@ -126,7 +149,8 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT,
                                 device_id=device if backend == "nccl" else None)
-    return DistContext(rank, world, local_rank, local_world), device
+    host_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+    return DistContext(rank, world, local_rank, local_world, host_group), device
 
 
 def check_sync_bn(sync_bn: bool, device: torch.device) -> None:

@@ -47,17 +47,17 @@ import torch
 from cnntrain import checkpoint, fileio
 from cnntrain.config import TrainConfig, save_yaml
 from cnntrain.data import DatasetSplits
-from cnntrain.engine import EvalResult, evaluate
+from cnntrain.engine import EvalResult, evaluate, sync_every_for
 from cnntrain.errors import CnnTrainError, DataError, first_line
 from cnntrain.models import freeze_backbone, get_spec
-from cnntrain.runtime import amp_dtype_for, resolve_device, seed_everything, use_channels_last
+from cnntrain.runtime import amp_dtype_for, deterministic_note, resolve_device, seed_everything, use_channels_last
 from cnntrain.train import distributed, loss
 from cnntrain.train.autobatch import auto_batch_size
 from cnntrain.train.checkpointer import Checkpointer
 from cnntrain.train.distributed import DistContext
 from cnntrain.train.features import cached_features
 from cnntrain.train.imbalance import class_counts, imbalance_line
-from cnntrain.train.loop import GPU_SYNC_EVERY, EpochLoop
+from cnntrain.train.loop import EpochLoop
 from cnntrain.train.lr_find import METHODS, lr_find_for_config
 from cnntrain.train.optim import OptimizerSettings, ScheduleSettings, describe_groups
 from cnntrain.train.phase import Phase, Phases
@@ -115,6 +115,7 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     if ctx.enabled:
         distributed.check_sync_bn(cfg.sync_bn, device)
     seed_everything(cfg.seed, cfg.deterministic)
+    _say(reporter, deterministic_note(device, cfg.deterministic))
     cfg = dataclasses.replace(cfg, arch=get_spec(cfg.arch).name)  # a wrong name fails before the data scan
     with ctx.main_first():  # rank 0 scans (and downloads); the others then read its caches
         splits = load_splits(cfg.data_path, cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict,
@@ -140,8 +141,7 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
         cfg = _fitted_batch(cfg, run, splits.num_classes, device, channels_last, amp_dtype, ctx, reporter)
     if cfg.lr_auto:  # after the batch size, which the best rate depends on
         cfg = _found_lr(cfg, splits, ctx, reporter)
-    state = _training_state(cfg, run, ctx, amp_dtype == torch.float16, "val_acc" if splits.val else "train_acc",
-                            reporter)
+    state = _training_state(cfg, run, ctx, amp_dtype, device, "val_acc" if splits.val else "train_acc", reporter)
     objective = loss.build_objective(cfg, splits.classes, counts, reporter.info)
     if plan is not None:
         state.load_state_dict(plan.saved)  # the lr: what this run's schedule gives the epoch it continues at
@@ -159,7 +159,7 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     loop = EpochLoop(
         phases, state, objective.criterion, checkpointer, run.model, reporter, stop, ctx, epochs=cfg.epochs,
         batch_size=cfg.batch_size, num_classes=splits.num_classes, images=(len(splits.train), len(splits.val)),
-        clip_grad=cfg.clip_grad, sync_every=1 if device.type == "cpu" else GPU_SYNC_EVERY,
+        clip_grad=cfg.clip_grad, sync_every=sync_every_for(device),
         reporters=[MetricsCsv(run_dir / "metrics.csv")], batch_transform=objective.batch_transform,
         val_criterion=objective.val_criterion, after_step=(lambda _: ema.update(run.model)) if ema else None,
     )
@@ -224,15 +224,15 @@ def _open_run_dir(cfg: TrainConfig, plan: ResumePlan | None, ctx: DistContext, r
     return run_dir
 
 
-def _training_state(cfg: TrainConfig, run: RunModel, ctx: DistContext, fp16: bool, monitor: str,
-                    reporter: Reporter) -> TrainingState:
+def _training_state(cfg: TrainConfig, run: RunModel, ctx: DistContext, amp_dtype: torch.dtype | None,
+                    device: torch.device, monitor: str, reporter: Reporter) -> TrainingState:
     lr = cfg.lr
     if cfg.lr_scale == "linear" and ctx.world_size > 1:
         lr = cfg.lr * ctx.world_size
         reporter.info(f"--lr-scale linear: learning rate {cfg.lr:g} x {ctx.world_size} processes = {lr:g}")
     state = TrainingState.create(run.model, cfg.pick(OptimizerSettings, lr=lr), cfg.pick(ScheduleSettings),
-                                 fp16=fp16, monitor=monitor, patience=cfg.patience, head=run.head,
-                                 ema_decay=cfg.ema_decay if cfg.ema else None)
+                                 amp_dtype=amp_dtype, monitor=monitor, patience=cfg.patience, head=run.head,
+                                 ema_decay=cfg.ema_decay if cfg.ema else None, device=device)
     _say(reporter, describe_groups(state.optimizer))
     if state.ema is not None:
         reporter.info(f"--ema: validating an average of the weights too (decay {cfg.ema_decay:g}, warmed up); "
@@ -264,6 +264,7 @@ def _phases(cfg: TrainConfig, run: RunModel, splits: DatasetSplits, frozen: bool
     if use_features:
         features = cached_features(run.model, run.head, splits, pipeline, arch=cfg.arch, settings=settings,
                                    device=device, ctx=ctx, log=reporter.info)
+    ctx.setup_barrier()  # caches built at each rank's pace; the training collectives' short timeout starts now
     return Phases(run.model, run.head, pipeline, frozen=frozen, unfreeze_epoch=cfg.unfreeze_epoch, features=features,
                   wrap=wrapper(ctx, device, cfg.compile), distributed=ctx.enabled, log=reporter.info)
 

@@ -25,9 +25,6 @@ from cnntrain.train.progress import Reporter, format_epoch
 from cnntrain.train.signals import Interrupted, StopRequest
 from cnntrain.train.state import TrainingState
 
-# On a GPU, reading the loss every step stalls the queue of kernels; read it every so many steps.
-GPU_SYNC_EVERY = 20
-
 
 class EpochReporter(Protocol):
     """Told each finished epoch's row (on rank 0), after the state recorded it: metrics.csv,
@@ -96,7 +93,8 @@ class EpochLoop:
                 phase.net, phase.train, self.state.optimizer, self.criterion, phase.batcher, epoch=epoch,
                 scaler=self.state.scaler, clip_grad=self.clip_grad, prepare_model=phase.prepare, on_step=on_step,
                 totals=totals, should_stop=lambda: self.ctx.any(bool(self.stop)), sync_every=self.sync_every,
-                batch_transform=self.batch_transform, after_step=self.after_step)
+                batch_transform=self.batch_transform, after_step=self.after_step,
+                agree=self.ctx.all if self.ctx.enabled else None)
         return reduce_totals(totals, self.ctx)
 
     def validate(self, phase: Phase, epoch: int, net: nn.Module | None = None, what: str = "valid"

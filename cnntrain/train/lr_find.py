@@ -33,7 +33,15 @@ from cnntrain.engine import Batcher, BatchTransform, NonFiniteLossError, backwar
 from cnntrain.errors import DataError, UsageError
 from cnntrain.models import freeze_backbone, get_spec
 from cnntrain.models.heads import keep_frozen_bn_eval
-from cnntrain.runtime import amp_dtype_for, resolve_device, rng_state, seed_everything, set_rng_state, use_channels_last
+from cnntrain.runtime import (
+    amp_dtype_for,
+    grad_scaler,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    use_channels_last,
+)
 from cnntrain.train.imbalance import class_counts
 from cnntrain.train.loss import build_objective
 from cnntrain.train.optim import OptimizerSettings, build_optimizer
@@ -268,7 +276,7 @@ def lr_find_for_config(cfg: TrainConfig, *, start_lr: float = 1e-7, end_lr: floa
         pipeline = build_pipeline(splits, cfg.pick(PipelineSettings), device=device, mean=run.mean, std=run.std,
                                   channels_last=channels_last, amp_dtype=amp_dtype, image_cache=False, log=log)
         optimizer = build_optimizer(model, cfg.pick(OptimizerSettings, lr=start_lr), head=run.head)
-        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        scaler = grad_scaler(amp_dtype)
         log(f"learning-rate range test: {arch}, {cfg.opt}, {steps} steps from {start_lr:g} to {end_lr:g}, "
             f"batch {cfg.batch_size}, {len(splits.train):,} training images")
         counts = class_counts([label for _, label in splits.train], splits.num_classes)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from cnntrain.runtime import rng_state, set_rng_state
+from cnntrain.runtime import grad_scaler, rng_state, set_rng_state
 from cnntrain.train.ema import WeightAverage
 from cnntrain.train.optim import OptimizerSettings, ScheduleSettings, build_optimizer, build_scheduler
 
@@ -47,17 +47,18 @@ class TrainingState:
     history: list[dict[str, Any]] = field(default_factory=list)
     ema: WeightAverage | None = None  # --ema: the average of the weights, validated beside them
     best_is_ema: bool = False  # whether best.pt holds the average (it scored higher that epoch)
+    device: torch.device | None = None  # whose CUDA generator the RNG state carries
 
     @classmethod
-    def create(cls, model: nn.Module, optim: OptimizerSettings, schedule: ScheduleSettings, *, fp16: bool,
-               monitor: str, patience: int | None, head: str | None = None,
-               ema_decay: float | None = None) -> TrainingState:
-        """Fresh state for ``model``; ``fp16`` autocast needs a GradScaler (bf16 does not).
+    def create(cls, model: nn.Module, optim: OptimizerSettings, schedule: ScheduleSettings, *,
+               amp_dtype: torch.dtype | None, monitor: str, patience: int | None, head: str | None = None,
+               ema_decay: float | None = None, device: torch.device | None = None) -> TrainingState:
+        """Fresh state for ``model``; fp16 autocast (``amp_dtype``) gets a GradScaler.
         ``head`` names the head for a backbone learning-rate multiplier; ``ema_decay`` turns on EMA."""
         optimizer = build_optimizer(model, optim, head=head)
-        scaler = torch.amp.GradScaler("cuda") if fp16 else None
         ema = WeightAverage(model, ema_decay) if ema_decay is not None else None
-        return cls(optimizer, build_scheduler(optimizer, schedule), scaler, monitor, patience, ema=ema)
+        return cls(optimizer, build_scheduler(optimizer, schedule), grad_scaler(amp_dtype), monitor, patience, ema=ema,
+                   device=device)
 
     @property
     def lr(self) -> float:
@@ -88,7 +89,8 @@ class TrainingState:
     def state_dict(self) -> dict[str, Any]:
         return dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                    best_metric=self.best_metric, best_epoch=self.best_epoch, history=self.history, rng=rng_state(),
+                    best_metric=self.best_metric, best_epoch=self.best_epoch, history=self.history,
+                    rng=rng_state(self.device),
                     ema=self.ema.state_dict() if self.ema is not None else None, best_is_ema=self.best_is_ema)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -102,7 +104,7 @@ class TrainingState:
         self.best_is_ema = bool(state.get("best_is_ema", False))
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])  # (a run resumed with --ema for the first time starts it now)
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)
 
     def _follow_schedule(self) -> None:
         """The learning rate this state's schedule gives the epoch it stands at.
