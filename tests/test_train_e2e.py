@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration  # whole CLI trainings
 TINY = ["--arch", "resnet18", "--no-pretrained", "--img-size", "32", "--batch-size", "8", "--workers", "0",
         "--device", "cpu", "--val-split", "0.25"]
 RUN_FILES = {"config.yaml", "class_indices.json", "metrics.csv", "best.pt", "last.pt", "learning_curves.png",
-             "confusion_matrix.png", "summary.json"}
+             "confusion_matrix.png", "summary.json", "report.html"}
 
 
 def train(runner, *args: str) -> object:

@@ -154,6 +154,8 @@ def _print_train_summary(result: Any) -> None:
     table.add_row("time", f"{result.seconds:.1f}s")
     table.add_row("run folder", str(result.run_dir))
     table.add_row("best weights", str(result.run_dir / "best.pt"))
+    if (result.run_dir / "report.html").is_file():
+        table.add_row("report", str(result.run_dir / "report.html"))
     out.print(table)
 
 

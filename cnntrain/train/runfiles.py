@@ -15,6 +15,8 @@ from typing import Any
 from cnntrain import checkpoint, fileio
 from cnntrain.data import DatasetSplits
 from cnntrain.engine import EvalResult
+from cnntrain.metrics import classification_report
+from cnntrain.report import REPORT_NAME, write_report
 from cnntrain.train.distributed import DistContext
 from cnntrain.train.state import TrainResult
 
@@ -93,6 +95,11 @@ def finish(result: TrainResult, best_val: EvalResult | None, splits: DatasetSpli
         "stopped_early": result.stopped_early,
         "seconds": round(result.seconds, 2),
         "run_dir": str(run_dir),
-        "files": sorted({p.name for p in run_dir.iterdir() if not p.name.startswith(".")} | {"summary.json"}),
+        "files": sorted({p.name for p in run_dir.iterdir() if not p.name.startswith(".")}
+                        | {"summary.json", REPORT_NAME}),
     }
+    if best_val is not None:  # the report's per-class table, and scripts', without loading best.pt
+        summary["per_class"] = classification_report(best_val.confusion, splits.classes)
+        summary["confusion_matrix"] = best_val.confusion.matrix.tolist()
     write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_report(run_dir)
