@@ -8,6 +8,7 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -28,6 +29,11 @@ from cnntrain.choices import (
 from cnntrain.errors import UsageError, first_line
 
 _S = TypeVar("_S")
+#: The largest seed every generator a run seeds takes (NumPy's limit; torch's samplers scale it).
+SEED_MAX = 2**32 - 1
+#: Largest --lr, --backbone-lr-mult and --weight-decay: far above any useful value, and products of
+#: them still fit the float32 an optimiser computes in (1e300 overflows there, mid-step).
+RATE_MAX = 1e4
 
 
 @dataclass
@@ -101,13 +107,28 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Reject values no run could use, before any data is read or model built."""
+        for key, value in self.to_dict().items():
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                # NaN passes every comparison below (`nan <= 0` is False): refused here, by name
+                raise UsageError(f"--{key.replace('_', '-')} must be a finite number, not {value}")
         checks = [
+            (not 0 <= self.seed <= SEED_MAX, f"--seed must be between 0 and {SEED_MAX} (2**32 - 1)"),
             (self.data_path is not None and self.dataset is not None, "give --data-path or --dataset, not both"),
+            (self.dataset is not None and not self.dataset.strip(),
+             "--dataset needs a name, e.g. shapes (an empty one is not the default)"),
             (self.epochs < 1, "--epochs must be at least 1"),
             (self.batch_size < 1, "--batch-size must be at least 1"),
             (self.img_size < 16, "--img-size must be at least 16"),
             (not 0.0 <= self.val_split < 1.0, "--val-split must be in [0, 1)"),
-            (self.lr <= 0, "--lr must be positive"),
+            (not 0 < self.lr <= RATE_MAX, f"--lr must be positive and at most {RATE_MAX:g}"),
+            (not 0 <= self.momentum <= 1, "--momentum must be in [0, 1], e.g. 0.9"),
+            (not 0 <= self.weight_decay <= RATE_MAX, f"--weight-decay must be in [0, {RATE_MAX:g}], e.g. 1e-4"),
+            (self.step_size < 1, "--step-size must be at least 1 epoch"),
+            (not 0 < self.gamma <= 1, "--gamma must be in (0, 1], e.g. 0.1 (the factor the rate is cut by)"),
+            (not 0 <= self.lrf <= 1, "--lrf must be in [0, 1] (the cosine floor, as a fraction of --lr)"),
+            (any(m < 1 for m in self.milestones), "--milestones are epochs, counted from 1"),
+            (self.clip_grad is not None and not self.clip_grad > 0, "--clip-grad must be positive"),
             (self.opt not in OPTIMIZERS, f"--opt must be one of {', '.join(OPTIMIZERS)}"),
             (self.sched not in SCHEDULES, f"--sched must be one of {', '.join(SCHEDULES)}"),
             (self.sched == "multistep" and not self.milestones, "--sched multistep needs --milestones, e.g. 10,20"),
@@ -126,7 +147,8 @@ class TrainConfig:
             (self.mixup < 0 or self.cutmix < 0, "--mixup and --cutmix take an alpha of 0 (off) or more, e.g. 0.2"),
             (not 0.0 <= self.mix_switch_prob <= 1.0, "--mix-switch-prob must be in [0, 1]"),
             (not 0.0 < self.ema_decay < 1.0, "--ema-decay must be between 0 and 1, e.g. 0.999"),
-            (not self.backbone_lr_mult > 0, "--backbone-lr-mult must be positive, e.g. 0.1"),
+            (not 0 < self.backbone_lr_mult <= RATE_MAX, f"--backbone-lr-mult must be positive and at most "
+                                                       f"{RATE_MAX:g}, e.g. 0.1"),
             (self.class_weights not in CLASS_WEIGHT_MODES and not Path(self.class_weights).is_file(),
              f"--class-weights must be none, auto or a YAML/JSON file of class: weight; {self.class_weights!r} is "
              "neither"),
@@ -200,9 +222,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"config file {path} does not exist")
+        raise UsageError(f"config file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:  # an image or a checkpoint given as --config
+        raise UsageError(f"config file {path} is not text; a recipe is a YAML file (UTF-8)") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise UsageError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
     if not isinstance(data, dict):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import sys
 from collections.abc import Callable, Sequence
@@ -59,8 +60,19 @@ def fail(exc: CnnTrainError) -> NoReturn:
     raise typer.Exit(exc.exit_code)
 
 
+def path_refused(exc: OSError) -> CnnTrainError:
+    """The one-line error for a path the operating system will not even look up: too long, in a
+    folder without permission, too many levels of links. ``Path.exists()`` and ``is_file()`` raise
+    these instead of answering False, so they can come from any check of any path option of any
+    command; they are turned into an error here, once, rather than at each of those checks."""
+    name = exc.filename if isinstance(exc.filename, str) else repr(exc.filename)
+    kind = UsageError if exc.errno == errno.ENAMETOOLONG else CnnTrainError
+    return kind(f"cannot use {first_line(name, 200)}: {exc.strerror or exc}")
+
+
 def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
-    """``app.command``, with every ``CnnTrainError`` of the command leaving through ``fail``."""
+    """``app.command``, with every ``CnnTrainError`` of the command leaving through ``fail``, and an
+    ``OSError`` about a named path too (``path_refused``); any other exception is a bug to see whole."""
 
     def register(func: F) -> F:
         @functools.wraps(func)  # Typer reads the options from the wrapped signature
@@ -69,6 +81,10 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
                 return func(*args, **kw)
             except CnnTrainError as exc:
                 fail(exc)
+            except OSError as exc:
+                if exc.filename is None:
+                    raise
+                fail(path_refused(exc))
 
         app.command(name, **kwargs)(run)
         return run  # type: ignore[return-value]
