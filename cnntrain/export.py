@@ -147,6 +147,7 @@ def export_model(model: nn.Module, output: str | Path, fmt: str, *, arch: str, c
                                     "runtime": "onnxruntime" if fmt == "onnx" else "torch.jit"}
     except OSError as exc:
         raise ExportError(f"could not write {output}: {exc.strerror or exc}") from None
+    meta["sha256"] = fileio.sha256_file(output)  # predict checks a TorchScript file against it before loading it
     sidecar = sidecar_path(output)
     try:
         fileio.atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")

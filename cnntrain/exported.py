@@ -7,6 +7,14 @@ with ONNX run by onnxruntime and TorchScript by ``torch.jit.load``. The sidecar 
 clear error instead of wrong predictions. Kept apart from the writer so predict loads neither
 the exporters nor the onnx package, and so the writer can verify a fresh file with exactly the
 code that will later run it (:func:`open_exported`).
+
+A TorchScript file is a program: ``torch.jit.load`` runs the code it carries, unlike a checkpoint,
+which is read with ``weights_only=True``. So predict loads one only if it is the very file its
+sidecar was written for (the SHA-256 recorded at export, checked before loading). That catches a
+file swapped or re-saved beside an old sidecar; it cannot vouch for a file whose maker also wrote
+the sidecar: run TorchScript only from a source you trust. ONNX runs in onnxruntime, which
+executes no Python, so an ONNX file is not held to its hash (a quantized or optimised copy beside
+the original sidecar is common); its output count is still checked against the sidecar.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 import torch
 
 from cnntrain.errors import CheckpointError, CnnTrainError, UsageError, first_line
+from cnntrain.fileio import sha256_file
 
 SIDECAR_FORMAT = "cnntrain-export"
 ONNX_HINT = "pip install 'cnntrain[onnx]'"
@@ -112,7 +121,23 @@ def load_exported(path: str | Path, device: str = "auto") -> ExportedModel:
     if fmt is None:
         raise CheckpointError(f"{path} is not an ONNX (.onnx) or TorchScript export")
     meta = read_sidecar(path, fmt)
+    if fmt == "torchscript":
+        check_digest(path, meta)  # before torch.jit.load runs anything in it
     return open_exported(fmt, path, meta, device)
+
+
+def check_digest(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse a file that is not the one its sidecar describes (see the module docstring);
+    a sidecar written before cnntrain recorded the hash has none, and is taken as it is."""
+    expected = meta.get("sha256")
+    if expected is None:
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path} is not the file its sidecar {sidecar_path(path).name} was written for (SHA-256 {actual[:12]}..., "
+            f"the sidecar says {expected[:12]}...); a TorchScript file runs code when loaded, so it is not loaded: "
+            "re-export it with `cnntrain export --weights CKPT --format torchscript`")
 
 
 def open_exported(fmt: str, path: Path, meta: dict[str, Any], device: str) -> ExportedModel:
@@ -197,6 +222,10 @@ def read_sidecar(path: str | Path, fmt: str | None = None) -> dict[str, Any]:
             problems.append(f"{key} must be 3 numbers")
     if (meta.get("input") or {}).get("dtype") != "uint8":
         problems.append("input.dtype must be uint8")
+    digest = meta.get("sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
+        problems.append("sha256 must be 64 hex digits")
     if fmt is not None and meta.get("model_format") not in (None, fmt):
         problems.append(f"it describes a {meta.get('model_format')} model, this file is {fmt}")
     if problems:

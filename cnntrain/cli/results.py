@@ -38,7 +38,7 @@ def _weights_or_latest(weights: Path | None, project: str) -> Path:
 @command()
 def predict(
     inputs: Annotated[list[str], typer.Argument(metavar="IMAGE", help="Images, folders or globs (quote globs: 'imgs/*.jpg').")],
-    weights: Annotated[Path | None, Opt(help="Checkpoint, or an export from `cnntrain export` (.onnx, or TorchScript) with its .json sidecar (default: best.pt of runs/latest).")] = None,
+    weights: Annotated[Path | None, Opt(help="Checkpoint, or an export from `cnntrain export` (.onnx, or TorchScript) with its .json sidecar (default: best.pt of runs/latest). A TorchScript file is a program that runs when loaded: use only your own or ones you trust (checkpoints load as data, ONNX runs no Python).")] = None,
     topk: Annotated[int, Opt(help="Classes to show per image.")] = 5,
     fmt: Annotated[str, Opt("--format", help=f"{one_of(PREDICT_FORMATS)}.")] = "table",
     batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 32,
