@@ -36,6 +36,10 @@ def sync_every_for(device: torch.device) -> int:
 StepCallback = Callable[[dict[str, float]], None]
 #: Device-side training batch -> batch (e.g. mixup); targets may become soft (N x classes).
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: What an evaluation pass hands a caller that keeps every image's output (``keep=``, e.g.
+#: ``cnntrain.analysis.AnswerCollector``), once per loader batch: the plain logits on the device
+#: (None for a batch left with no readable image), the targets, and the paths the loader skipped.
+BatchSink = Callable[[torch.Tensor | None, torch.Tensor, list[str]], None]
 
 
 class NonFiniteLossError(CnnTrainError):
@@ -253,13 +257,15 @@ def evaluate(
     *,
     on_step: StepCallback | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    keep: BatchSink | None = None,
 ) -> EvalResult:
     """Loss, top-1, top-5 and the confusion matrix over ``loader`` (every sample counted once).
 
     ``reduce`` sums count tensors over the processes of a distributed run, each of which saw
-    its own shard; the result is then over the whole set.
+    its own shard; the result is then over the whole set. ``keep`` is given every batch's
+    logits as well (:data:`BatchSink`), for per-image figures from this same pass.
     """
-    return _evaluate(model, loader, criterion, batcher, num_classes, False, on_step, reduce)[0]
+    return _evaluate(model, loader, criterion, batcher, num_classes, False, on_step, reduce, keep)[0]
 
 
 @torch.no_grad()
@@ -272,14 +278,16 @@ def evaluate_with_tta(
     *,
     on_step: StepCallback | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    keep: BatchSink | None = None,
 ) -> tuple[EvalResult, EvalResult]:
     """:func:`evaluate` plainly and with test-time augmentation (:mod:`cnntrain.tta`), in one pass.
 
     Both come from the same batches, so the loader decodes each image once and the plain result
     is exactly what :func:`evaluate` gives. The TTA loss is the NLL of the averaged probabilities
     (``criterion`` scores only the plain logits: a smoothed loss has no meaning for a mixture).
+    ``keep`` is given the plain logits.
     """
-    plain, tta = _evaluate(model, loader, criterion, batcher, num_classes, True, on_step, reduce)
+    plain, tta = _evaluate(model, loader, criterion, batcher, num_classes, True, on_step, reduce, keep)
     assert tta is not None
     return plain, tta
 
@@ -335,8 +343,8 @@ class _Scores:
 
 
 def _evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, batcher: Batcher, num_classes: int,
-              tta: bool, on_step: StepCallback | None,
-              reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[EvalResult, EvalResult | None]:
+              tta: bool, on_step: StepCallback | None, reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+              keep: BatchSink | None = None) -> tuple[EvalResult, EvalResult | None]:
     """The loop behind :func:`evaluate` and :func:`evaluate_with_tta`: plain scores, and with
     ``tta`` also those of the averaged views of each device-side batch. The progress callback
     reads the running figures every :func:`sync_every_for` batches."""
@@ -345,15 +353,19 @@ def _evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, batcher:
     every, unreported = sync_every_for(batcher.device), 0
     start = time.perf_counter()
     for index, batch in enumerate(loader):
-        images, targets, _ = unpack(batch)
+        images, targets, skipped = unpack(batch)
         if targets.numel():
             images, targets = batcher(images, targets)
         if targets.numel() == 0:
+            if keep is not None:
+                keep(None, targets, skipped)
             continue
         with batcher.autocast():
             views = view_logits(model, images) if tta else [model(images)]
             loss = criterion(views[0], targets)
         plain.add(views[0], loss, targets)
+        if keep is not None:  # (the logits stay on the device: no read here)
+            keep(views[0], targets, skipped)
         if augmented is not None:  # the flip of the normalised batch = the normalised flip of the images
             nll = nn.functional.nll_loss(average_log_probs(views), targets)
             augmented.add(average_probs(views), nll, targets)

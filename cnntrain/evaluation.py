@@ -59,12 +59,25 @@ def data_of(ckpt: dict[str, Any], weights: str | Path, data_path: str | Path | N
 def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = None, dataset: str | None = None,
                         split: str = "val", batch_size: int = 64, workers: int | None = None,
                         device: str = "auto", plot: str | Path | None = None, tta: bool = False,
+                        errors: str | Path | None = None, top_losses: str | Path | None = None,
+                        reliability: str | Path | None = None, calibration: bool = True,
                         log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Score ``weights`` on a split of ``data_path`` or ``dataset`` (neither: the checkpoint's own data).
 
     ``tta`` adds a ``"tta"`` entry: the headline figures once more with test-time augmentation
     (:mod:`cnntrain.tta`), from the same pass, beside the plain ones it leaves untouched.
+    The same pass keeps every image's logits for the per-image entries of
+    :func:`cnntrain.analysis.figures.answer_report` (calibration, coverage, most confused) and the
+    files ``errors`` (csv), ``top_losses`` and ``reliability`` (PNG); they are of the plain scores,
+    with the checkpoint's temperature unless ``calibration`` is False.
     """
+    from cnntrain.analysis.answers import AnswerCollector
+    from cnntrain.analysis.calibration import stored_temperature
+    from cnntrain.analysis.figures import answer_report, check_output
+
+    for path, option, example in ((errors, "--errors", "errors.csv"), (top_losses, "--top-losses", "top_losses.png"),
+                                  (reliability, "--reliability", "reliability.png")):
+        check_output(path, option, example)
     ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
     data_path, dataset = data_of(ckpt, weights, data_path, dataset, log)
     seed = int((ckpt.get("config") or {}).get("seed", 0))
@@ -88,10 +101,11 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
     loader = make_loader(ImageDataset(samples, eval_transform(ckpt["img_size"])), batch_size=batch_size,
                          shuffle=False, workers=default_workers() if workers is None else workers, device=dev)
     with_tta: EvalResult | None = None
+    answers = AnswerCollector()
     if tta:  # one pass over the loader gives both
-        result, with_tta = evaluate_with_tta(model, loader, nn.CrossEntropyLoss(), batcher, len(classes))
+        result, with_tta = evaluate_with_tta(model, loader, nn.CrossEntropyLoss(), batcher, len(classes), keep=answers)
     else:
-        result = evaluate(model, loader, nn.CrossEntropyLoss(), batcher, len(classes))
+        result = evaluate(model, loader, nn.CrossEntropyLoss(), batcher, len(classes), keep=answers)
     matrix = result.confusion
     rows = classification_report(matrix, classes)
     scored = [row for row in rows if row["support"]]
@@ -110,6 +124,10 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
     }
     if with_tta is not None:
         report["tta"] = _headline(with_tta)
+    report.update(answer_report(answers.answers(samples, classes), matrix.matrix, temperature=stored_temperature(ckpt),
+                                calibrated=calibration, img_size=ckpt["img_size"], errors=errors,
+                                top_losses_png=top_losses, reliability_png=reliability,
+                                what=f"{ckpt['arch']} on {result.images} {split} images"))
     if plot is not None:
         from cnntrain.plots import plot_confusion_matrix
 
@@ -153,6 +171,10 @@ def report_csv(report: dict[str, Any]) -> str:
              for key, value in (report.get("tta") or {}).items() if value is not None]
     rows += [{"metric": metric, "class": row["class"], "value": row[metric]}
              for row in report["per_class"] for metric in ("precision", "recall", "f1", "support")]
+    if "calibration" in report:  # temperature, ECE, confused pairs, coverage (cnntrain.analysis.figures)
+        from cnntrain.analysis.figures import answer_csv_rows
+
+        rows += answer_csv_rows(report)
     return to_csv(rows, columns=("metric", "class", "value"))
 
 
@@ -195,5 +217,9 @@ def format_report(report: dict[str, Any], console: Console) -> None:
         for c, counts in zip(classes, report["confusion_matrix"]):
             cm.add_row(c, *(str(v) for v in counts))
         console.print(cm)
+    if "calibration" in report:
+        from cnntrain.analysis.figures import format_answer_report
+
+        format_answer_report(report, console)
     if report.get("plot"):
         console.print(f"confusion matrix written to {report['plot']}")

@@ -5,7 +5,9 @@ resized (short side to ``resize`` px) and centre-cropped to ``img_size``; it div
 normalises with the checkpoint's mean/std itself and returns **float32 logits** ``[N, classes]``.
 So a deployment needs no normalisation constants and cannot apply the wrong ones; only the
 geometry (resize + crop) is left to it, and the sidecar JSON (``<file>.json``) says it, with the
-class names, architecture, opset and source checkpoint.
+class names, architecture, opset, source checkpoint and the temperature training fitted: the
+graph returns raw logits, and predict divides them by the sidecar's ``temperature``, as it does
+for a checkpoint, so the export's probabilities are the checkpoint's.
 
 Every export is verified before it is published: a few fixed-seed inputs go through the PyTorch
 model and through the exported file (onnxruntime / ``torch.jit.load``); a logit difference above
@@ -107,6 +109,7 @@ def export_checkpoint(weights: str | Path, fmt: str = "onnx", output: str | Path
                       dynamic_batch: bool = False, opset: int | None = None) -> ExportResult:
     """Export a cnntrain checkpoint (arch, classes, image size, normalisation all come from it)."""
     from cnntrain import checkpoint
+    from cnntrain.analysis.calibration import stored_temperature
 
     output = Path(output) if output is not None else default_output(weights, fmt)
     _check_request(fmt, opset, output)  # before the (maybe large) checkpoint is read
@@ -114,7 +117,8 @@ def export_checkpoint(weights: str | Path, fmt: str = "onnx", output: str | Path
     model = checkpoint.restore_model(ckpt)
     return export_model(model, output, fmt, arch=ckpt["arch"], classes=ckpt["classes"], img_size=ckpt["img_size"],
                         mean=ckpt["mean"], std=ckpt["std"], dynamic_batch=dynamic_batch, opset=opset,
-                        source={"source_checkpoint": str(weights), "epoch": ckpt.get("epoch")})
+                        source={"source_checkpoint": str(weights), "epoch": ckpt.get("epoch"),
+                                "temperature": stored_temperature(ckpt) or 1.0})
 
 
 def export_model(model: nn.Module, output: str | Path, fmt: str, *, arch: str, classes: list[str], img_size: int,
@@ -208,7 +212,8 @@ def _sidecar(fmt: str, *, arch: str, classes: list[str], img_size: int, mean: li
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [batch, len(classes)], "kind": "logits"},
         "preprocess": (f"decode to RGB; resize the shorter side to {resize} px (bilinear, antialiased); centre-crop "
                        f"{img_size}x{img_size}; uint8 HWC -> CHW, add the batch axis. The graph itself computes "
-                       "(x / 255 - mean) / std; apply softmax to the logits for probabilities."),
+                       "(x / 255 - mean) / std; apply softmax to the logits divided by temperature for "
+                       "calibrated probabilities (temperature 1: the raw softmax)."),
         "dynamic_batch": bool(dynamic_batch),
         "opset": opset,
         **source,

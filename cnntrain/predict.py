@@ -8,7 +8,9 @@ predicted (no dropped tail batch) and an unreadable one becomes an error row, no
 TorchScript) with its JSON sidecar; only the model behind :class:`Classifier` differs, the
 image loading, batching and rows are the same, so both give the same predictions.
 ``--tta`` averages the probabilities of each image and its mirror image (:mod:`cnntrain.tta`);
-the flip is of the uint8 batch, so it works alike for checkpoints and exports.
+the flip is of the uint8 batch, so it works alike for checkpoints and exports. Probabilities
+are calibrated by the temperature training fitted (best.pt, or the export's sidecar), and
+``--min-confidence`` turns an answer below it into ``unknown``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cnntrain import checkpoint, exported
+from cnntrain.analysis.calibration import stored_temperature
 from cnntrain.checkpoint import on_device
 from cnntrain.data import decode_image, default_workers, eval_transform
 from cnntrain.data.datasets import is_hidden, is_image_file
@@ -32,6 +35,9 @@ from cnntrain.data.decode import TEXT_LIMIT, ImageDecodeError
 from cnntrain.errors import UsageError, first_line
 from cnntrain.runtime import resolve_device
 from cnntrain.tta import tta_probs
+
+#: The answer to an image whose top probability is below ``--min-confidence``.
+UNKNOWN = "unknown"
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
@@ -90,6 +96,14 @@ class Classifier:
     img_size: int
     logits: Callable[[torch.Tensor], torch.Tensor]  # uint8 NCHW batch on the CPU -> float logits
     pin_memory: bool = False
+    temperature: float = 1.0  # fitted by training (best.pt, an export's sidecar); 1: the raw softmax
+
+    def probs(self, images: torch.Tensor, tta: bool = False, calibrated: bool = True) -> torch.Tensor:
+        """Class probabilities: the softmax of the logits divided by the temperature (unless not
+        ``calibrated``), with ``tta`` averaged over the image and its mirror image."""
+        t = self.temperature if calibrated else 1.0
+        logits = self.logits if t == 1.0 else (lambda x: self.logits(x) / t)
+        return tta_probs(logits, images) if tta else logits(images).softmax(dim=1)
 
 
 def _from_checkpoint(weights: str | Path, device: str) -> Classifier:
@@ -102,7 +116,8 @@ def _from_checkpoint(weights: str | Path, device: str) -> Classifier:
         with batcher.autocast():
             return model(images).float()
 
-    return Classifier(ckpt["classes"], ckpt["img_size"], logits, pin_memory=dev.type == "cuda")
+    return Classifier(ckpt["classes"], ckpt["img_size"], logits, pin_memory=dev.type == "cuda",
+                      temperature=stored_temperature(ckpt) or 1.0)
 
 
 def load_classifier(weights: str | Path, device: str = "auto") -> Classifier:
@@ -110,30 +125,36 @@ def load_classifier(weights: str | Path, device: str = "auto") -> Classifier:
     if exported.detect_format(weights) is None:
         return _from_checkpoint(weights, device)
     model = exported.load_exported(weights, device)
-    return Classifier(model.classes, model.img_size, model)
+    return Classifier(model.classes, model.img_size, model, temperature=stored_temperature(model.meta) or 1.0)
 
 
 @torch.no_grad()
 def predict_files(inputs: list[str], weights: str | Path, *, topk: int = 5, batch_size: int = 32,
-                  device: str = "auto", workers: int | None = None, tta: bool = False) -> list[dict[str, Any]]:
+                  device: str = "auto", workers: int | None = None, tta: bool = False, calibrated: bool = True,
+                  min_confidence: float | None = None) -> list[dict[str, Any]]:
     """Top-k predictions per image, in input order; failures carry an ``error`` instead
-    (``tta``: from the probabilities averaged over each image and its mirror image)."""
+    (``tta``: from the probabilities averaged over each image and its mirror image).
+
+    Probabilities use the temperature training stored (``calibrated=False``: the raw softmax).
+    Each row's ``answer`` is its top class, or ``unknown`` when the top probability is below
+    ``min_confidence`` (the predictions stay listed: the best guesses); None for an error row."""
     if topk < 1:
         raise UsageError("--topk must be at least 1")
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    check_confidence(min_confidence)
     model = load_classifier(weights, device)
     classes = model.classes
     k = min(topk, len(classes))
 
     expanded = expand_inputs(inputs)
-    rows: list[dict[str, Any]] = [{"path": p, "error": e, "predictions": []} for p, e in expanded]
+    rows: list[dict[str, Any]] = [{"path": p, "answer": None, "error": e, "predictions": []} for p, e in expanded]
     todo = [i for i, (_, e) in enumerate(expanded) if e is None]
     n_workers = min(default_workers() if workers is None else workers, max(len(todo) // batch_size, 0))
     loader = DataLoader(_Images([expanded[i][0] for i in todo], model.img_size), batch_size=batch_size,
                         num_workers=n_workers, collate_fn=_collate, pin_memory=model.pin_memory)
     for images, indices, errors in loader:
-        probs = tta_probs(model.logits, images) if tta else model.logits(images).softmax(dim=1)
+        probs = model.probs(images, tta=tta, calibrated=calibrated)
         top_p, top_i = probs.topk(k, dim=1)
         for j, (index, error) in enumerate(zip(indices, errors)):
             row = rows[todo[index]]
@@ -142,11 +163,21 @@ def predict_files(inputs: list[str], weights: str | Path, *, topk: int = 5, batc
                 continue
             row["predictions"] = [{"class": classes[c], "prob": round(float(p), 6)}
                                   for p, c in zip(top_p[j].tolist(), top_i[j].tolist())]
+            sure = min_confidence is None or float(top_p[j, 0]) >= min_confidence
+            row["answer"] = classes[int(top_i[j, 0])] if sure else UNKNOWN
     return rows
 
 
+def check_confidence(min_confidence: float | None) -> None:
+    """``--min-confidence`` is a probability: [0, 1] (0 answers every image, 1 only certain ones)."""
+    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+        raise UsageError(f"--min-confidence must be a probability between 0 and 1, not {min_confidence:g}; "
+                         "`cnntrain eval` shows the accuracy of the answers kept at each value")
+
+
 def format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
-    """JSON (one object per image) or CSV (one row per image and rank) for scripts."""
+    """JSON (one object per image) or CSV (one row per image and rank, each with the image's
+    ``answer``: its top class or ``unknown``) for scripts."""
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
     from cnntrain.rows import to_csv
@@ -155,6 +186,7 @@ def format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
     for r in rows:
         if r["error"]:
             lines.append({"path": r["path"], "error": r["error"]})
-        lines += [{"path": r["path"], "rank": rank, "class": p["class"], "prob": f"{p['prob']:.6f}"}
+        lines += [{"path": r["path"], "rank": rank, "class": p["class"], "prob": f"{p['prob']:.6f}",
+                   "answer": r["answer"]}
                   for rank, p in enumerate(r["predictions"], start=1)]
-    return to_csv(lines, columns=("path", "rank", "class", "prob", "error"))
+    return to_csv(lines, columns=("path", "rank", "class", "prob", "error", "answer"))

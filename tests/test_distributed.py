@@ -109,6 +109,10 @@ def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_pa
     assert ddp["processes"] == 2 and single["processes"] == 1
     assert ddp["val_images_scored"] == ddp["val_images"] == single["val_images"]
     assert ddp["best_val_acc"] == pytest.approx(single["best_val_acc"])
+    # the shards' per-image answers gathered on rank 0: the same temperature, every val image in top_losses
+    assert ddp["temperature"] == pytest.approx(single["temperature"], rel=1e-3)
+    assert sorted(m["path"] for m in ddp["top_losses"]) == sorted(m["path"] for m in single["top_losses"])
+    assert len(ddp["top_losses"]) == ddp["val_images"] and (runs / "ddp" / "top_losses.png").is_file()
     rows = [(runs / n / "metrics.csv").read_text().splitlines()[1:] for n in ("ddp", "single")]
     for a, b in zip(*rows, strict=True):
         loss_a, loss_b = float(a.split(",")[1]), float(b.split(",")[1])

@@ -94,7 +94,7 @@ def test_predict_defaults_to_latest_run(trained, runner, image_folder, monkeypat
     result = runner.invoke(app, ["predict", str(one), "--project", project.name, "--format", "csv"])
     assert result.exit_code == 0, result.output
     assert "latest run" in result.stderr
-    assert result.stdout.splitlines()[0] == "path,rank,class,prob,error"
+    assert result.stdout.splitlines()[0] == "path,rank,class,prob,error,answer"
 
 
 def test_predict_bad_image_gets_error_row_and_exit_1(trained, runner, image_folder, tmp_path):

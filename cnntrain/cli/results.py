@@ -43,15 +43,18 @@ def predict(
     fmt: Annotated[str, Opt("--format", help=f"{one_of(PREDICT_FORMATS)}.")] = "table",
     batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 32,
     tta: Annotated[bool, Opt("--tta", help="Test-time augmentation: average the probabilities of each image and its mirror image (two forward passes).")] = False,
+    min_confidence: Annotated[float | None, Opt("--min-confidence", metavar="P", help="Answer 'unknown' for an image whose top probability is below P (0-1); `cnntrain eval` shows the answers kept and their accuracy at each P.")] = None,
+    calibration: Annotated[bool, Opt("--calibration/--no-calibration", help="Divide the logits by the temperature training stored (best.pt, or the export's sidecar); --no-calibration shows the raw softmax.")] = True,
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
 ) -> None:
     """Classify images with a trained checkpoint; exit code 1 if any image could not be read."""
-    from cnntrain.predict import format_predictions, predict_files
+    from cnntrain.predict import check_confidence, format_predictions, predict_files
 
     check_choice("--format", fmt, PREDICT_FORMATS)
+    check_confidence(min_confidence)  # before the weights are looked for
     rows = predict_files(inputs, _weights_or_latest(weights, project), topk=topk, batch_size=batch_size,
-                         device=device, tta=tta)
+                         device=device, tta=tta, calibrated=calibration, min_confidence=min_confidence)
     if fmt == "table":
         _print_prediction_table(rows)
     else:
@@ -73,6 +76,10 @@ def _print_prediction_table(rows: list[dict]) -> None:
             table.add_row(r["path"], "[red]error[/]", "", escape(r["error"]))
             continue
         top, rest = r["predictions"][0], r["predictions"][1:]
+        if r["answer"] != top["class"]:  # --min-confidence: unsure, with its best guesses
+            table.add_row(r["path"], f"[yellow]{r['answer']}[/]", f"{top['prob']:.3f}",
+                          "best guesses " + ", ".join(f"{p['class']} {p['prob']:.3f}" for p in r["predictions"]))
+            continue
         table.add_row(r["path"], top["class"], f"{top['prob']:.3f}",
                       ", ".join(f"{p['class']} {p['prob']:.3f}" for p in rest))
     out.print(table)
@@ -91,11 +98,15 @@ def eval_(
     plot: Annotated[Path | None, Opt(help="Also write the confusion matrix as a PNG here.")] = None,
     batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 64,
     tta: Annotated[bool, Opt("--tta", help="Also score with test-time augmentation (each image and its mirror image, probabilities averaged) and show what it changes; the plain figures stay as they are.")] = False,
+    errors: Annotated[Path | None, Opt(help="Write every misclassified file to this CSV: path, true, predicted, prob, true_prob, loss (most confident mistakes first).")] = None,
+    top_losses: Annotated[Path | None, Opt("--top-losses", help="Write a PNG grid of the 16 images with the highest loss, titled true / predicted / probability.")] = None,
+    reliability: Annotated[Path | None, Opt(help="Write the reliability diagram (accuracy against confidence, raw and with the checkpoint's temperature) as a PNG.")] = None,
+    calibration: Annotated[bool, Opt("--calibration/--no-calibration", help="Divide the logits by the temperature training stored in the checkpoint; --no-calibration shows the raw softmax.")] = True,
     workers: Annotated[int | None, Opt(help="DataLoader worker processes.")] = None,
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
 ) -> None:
-    """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix of a checkpoint."""
+    """Loss, top-1/top-5, per-class precision/recall/F1, the confusion matrix and its most-confused pairs, and the calibration (ECE) of a checkpoint."""
     from cnntrain.evaluation import evaluate_checkpoint, format_report, report_csv
 
     check_choice("--format", fmt, EVAL_FORMATS)
@@ -104,7 +115,8 @@ def eval_(
         raise UsageError("--batch-size must be at least 1")
     report = evaluate_checkpoint(_weights_or_latest(weights, project), data_path=data_path, dataset=dataset,
                                  split=split, batch_size=batch_size, workers=workers, device=device, plot=plot,
-                                 tta=tta, log=lambda s: err.print(escape(s)))
+                                 tta=tta, errors=errors, top_losses=top_losses, reliability=reliability,
+                                 calibration=calibration, log=lambda s: err.print(escape(s)))
     if fmt == "json":
         print(json.dumps(report, indent=2))
     elif fmt == "csv":

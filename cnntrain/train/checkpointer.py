@@ -1,6 +1,7 @@
 """The only writer of a run's ``.pt`` files: best.pt, last.pt, and last.pt on an interrupt.
 
-best.pt holds the weights and what describes them (enough for predict, eval and export);
+best.pt holds the weights and what describes them (enough for predict, eval and export), and
+after the last epoch the temperature fitted on validation (``add_to_best``);
 last.pt adds the training state (``TrainingState.state_dict()``) and the number of processes,
 and, when a signal stopped the run mid-epoch, the running sums of that epoch. Under torchrun
 only rank 0 writes.
@@ -42,6 +43,12 @@ class Checkpointer:
                 state.best_weights(model), epoch=epoch, metrics=metrics, **self.describe,
                 weights_averaged=state.best_is_ema))
         self._save_last(model, epoch, metrics, state)
+
+    def add_to_best(self, saved: dict[str, Any], **fields: Any) -> None:
+        """best.pt once more: ``saved`` (what it holds, as just loaded) plus ``fields``, learnt
+        about those weights after the last epoch (the temperature, ``cnntrain.analysis``)."""
+        if self.enabled:
+            checkpoint.save(self.best, {**saved, **fields})
 
     def interrupted(self, model: nn.Module, epochs_done: int, state: TrainingState,
                     partial_epoch: dict[str, Any]) -> None:

@@ -76,6 +76,22 @@ class DistContext:
         dist.all_reduce(work, op=dist.ReduceOp.SUM)
         return work.to(values.device)
 
+    def all_gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``values`` (its own number of rows, the same trailing shape) concatenated in
+        rank order, on every rank: e.g. the per-image outputs of each validation shard. The rows
+        are padded to the longest shard for the collective, which needs equal shapes, then trimmed."""
+        if not self.enabled:
+            return values
+        device = _collective_device()
+        lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.world_size)]
+        dist.all_gather(lengths, torch.tensor([len(values)], dtype=torch.int64, device=device))
+        counts = [int(n) for n in torch.cat(lengths).tolist()]
+        padded = torch.zeros((max(counts), *values.shape[1:]), dtype=values.dtype, device=device)
+        padded[:len(values)] = values.to(device)
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(values.device)
+
     def any(self, flag: bool) -> bool:
         """True on every rank when any rank says so: a stop request must stop all of them
         at the same step, or the others would wait forever in the next gradient sync."""

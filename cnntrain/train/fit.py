@@ -11,6 +11,7 @@
 - ``checkpointer.py`` best.pt, last.pt and the interrupted last.pt
 - ``loop.py``        the epoch loop; ``cnntrain.engine`` holds the per-batch loops
 - ``runfiles.py``    config.yaml, metrics.csv, plots and summary.json
+- ``cnntrain.analysis`` after the last epoch: the temperature in best.pt, top_losses.png, calibration
 - ``loss.py``        the objective: loss (label smoothing, ``imbalance.py``'s class weights), ``mixing.py``
 - ``ema.py``         the average of the weights (a field of the training state)
 - ``lr_find.py``     the learning-rate range test (``--lr auto``, ``cnntrain lr-find``)
@@ -45,6 +46,8 @@ from pathlib import Path
 import torch
 
 from cnntrain import checkpoint, fileio
+from cnntrain.analysis.answers import AnswerCollector
+from cnntrain.analysis.run_end import RunAnalysis, analyse_best, without_validation
 from cnntrain.config import TrainConfig, save_yaml
 from cnntrain.data import DatasetSplits
 from cnntrain.engine import EvalResult, evaluate, sync_every_for
@@ -172,9 +175,10 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     result = TrainResult(run_dir=run_dir, best_epoch=state.best_epoch, best_metric=state.best_metric,
                          monitor=state.monitor, epochs_run=len(state.history), seconds=time.perf_counter() - started,
                          stopped_early=stopped_early, history=state.history, best_is_ema=state.best_is_ema)
-    best_val = _score_best(checkpointer, run, phases.best_scorer(), objective.val_criterion, splits.num_classes, ctx)
+    best_val, analysis = _score_best(checkpointer, run, phases.best_scorer(), objective.val_criterion, splits,
+                                     cfg.img_size, ctx, reporter)
     result.best_scores = best_val.confusion.scores() if best_val is not None else None
-    finish(result, best_val, splits, cfg.arch, ctx)
+    finish(result, best_val, splits, cfg.arch, ctx, analysis)
     return result
 
 
@@ -270,12 +274,29 @@ def _phases(cfg: TrainConfig, run: RunModel, splits: DatasetSplits, frozen: bool
 
 
 def _score_best(checkpointer: Checkpointer, run: RunModel, scorer: Phase, criterion: torch.nn.Module,
-                num_classes: int, ctx: DistContext) -> EvalResult | None:
-    """The best weights on the validation set, for the summary and the confusion matrix.
+                splits: DatasetSplits, img_size: int, ctx: DistContext,
+                reporter: Reporter) -> tuple[EvalResult | None, RunAnalysis | None]:
+    """The best weights on the validation set, for the summary and the confusion matrix, and what
+    the same pass says about them (``cnntrain.analysis``): the temperature, which best.pt then
+    stores, the calibration, the most-confused classes and top_losses.png (on rank 0).
 
     Every rank scores its shard; best.pt is complete before any rank reads it."""
     ctx.barrier()
     if scorer.val is None or not checkpointer.best.is_file():
-        return None
-    run.model.load_state_dict(checkpoint.load(checkpointer.best)["model"])
-    return evaluate(scorer.eval_net, scorer.val, criterion, scorer.batcher, num_classes, reduce=ctx.sum)
+        analysis = without_validation() if scorer.val is None and ctx.is_main else None
+        _say(reporter, analysis.note if analysis is not None else None)
+        return None, analysis
+    saved = checkpoint.load(checkpointer.best)
+    run.model.load_state_dict(saved["model"])
+    answers = AnswerCollector()
+    best = evaluate(scorer.eval_net, scorer.val, criterion, scorer.batcher, splits.num_classes, reduce=ctx.sum,
+                    keep=answers)
+    started = time.perf_counter()
+    analysis = analyse_best(answers, best.confusion, splits.val, splits.classes, img_size, checkpointer.run_dir, ctx)
+    if analysis is not None:
+        if analysis.calibration is not None:
+            checkpointer.add_to_best(saved, **analysis.checkpoint_fields())
+        analysis.seconds = time.perf_counter() - started
+        for line in analysis.lines():
+            reporter.info(line)
+    return best, analysis

@@ -10,7 +10,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cnntrain import checkpoint, fileio
 from cnntrain.data import DatasetSplits
@@ -19,6 +19,9 @@ from cnntrain.metrics import classification_report
 from cnntrain.report import REPORT_NAME, write_report
 from cnntrain.train.distributed import DistContext
 from cnntrain.train.state import TrainResult
+
+if TYPE_CHECKING:
+    from cnntrain.analysis.run_end import RunAnalysis
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "seconds",
                   "images_per_s", "val_loss_ema", "val_acc_ema"]  # the last two: with --ema only
@@ -68,8 +71,9 @@ def draw_plots(run_dir: Path, history: list[dict[str, Any]], classes: list[str],
 
 
 def finish(result: TrainResult, best_val: EvalResult | None, splits: DatasetSplits, arch: str,
-           ctx: DistContext) -> None:
-    """Plots and summary.json of a finished run; ``best_val``: the best weights on the validation set."""
+           ctx: DistContext, analysis: RunAnalysis | None = None) -> None:
+    """Plots and summary.json of a finished run; ``best_val``: the best weights on the validation set,
+    ``analysis``: what the same pass said about them (temperature, most confused, top losses)."""
     if not ctx.is_main:
         return
     run_dir = result.run_dir
@@ -101,5 +105,7 @@ def finish(result: TrainResult, best_val: EvalResult | None, splits: DatasetSpli
     if best_val is not None:  # the report's per-class table, and scripts', without loading best.pt
         summary["per_class"] = classification_report(best_val.confusion, splits.classes)
         summary["confusion_matrix"] = best_val.confusion.matrix.tolist()
+    if analysis is not None:  # temperature, calibration, most_confused, top_losses (RunAnalysis.summary)
+        summary.update(analysis.summary())
     write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     write_report(run_dir)
