@@ -78,14 +78,16 @@ def _write_files(report: dict[str, Any], answers: Answers, used: float, img_size
     from cnntrain.analysis.pictures import plot_reliability, plot_top_losses
 
     if top_losses_png is not None:
-        report["top_losses"] = str(plot_top_losses(top_losses(answers, temperature=used), img_size, top_losses_png,
-                                                   scored=len(answers), temperature=used))
+        with checkpoint.write_errors_reported(top_losses_png):
+            report["top_losses"] = str(plot_top_losses(top_losses(answers, temperature=used), img_size,
+                                                       top_losses_png, scored=len(answers), temperature=used))
     if reliability_png is not None:
         curves = [("raw softmax", reliability(answers.probs(), answers.targets))]
         if report["calibration"]["from_checkpoint"]:
             t = report["calibration"]["temperature"]
             curves.append((f"temperature {t:.3g}", reliability(answers.probs(t), answers.targets)))
-        report["reliability"] = str(plot_reliability(curves, reliability_png, what=what))
+        with checkpoint.write_errors_reported(reliability_png):
+            report["reliability"] = str(plot_reliability(curves, reliability_png, what=what))
 
 
 def answer_csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
