@@ -19,13 +19,19 @@ from cnntrain.http_download import FetchError, fetch
 
 
 def verify_file(path: str | os.PathLike, sha256: str, size: int | None = None) -> bool:
-    """True when ``path`` exists with the expected size (if given) and SHA-256."""
+    """True when ``path`` exists with the expected size (if given) and SHA-256.
+
+    A file that vanishes while it is checked (another run that started at the same time finished
+    with the archive and removed it) is simply not there: False, not an error."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return False
+        if size is not None and path.stat().st_size != size:
+            return False
+        return sha256_file(path) == sha256.lower()
+    except FileNotFoundError:
         return False
-    if size is not None and path.stat().st_size != size:
-        return False
-    return sha256_file(path) == sha256.lower()
 
 
 def download_verified(
@@ -99,6 +105,8 @@ def extract_tar(archive: str | os.PathLike, dest_dir: str | os.PathLike, top: st
                 else:  # pragma: no cover - Python without the 3.12 backport
                     tf.extractall(tmp, members=members)
         except (tarfile.TarError, EOFError, OSError) as e:
+            if isinstance(e, FileNotFoundError) and final.is_dir():
+                return final  # another run extracted it first and removed the archive: the folder is whole
             raise DataError(
                 f"cannot extract {archive}: {e}; delete it and download it again"
             ) from e

@@ -24,7 +24,7 @@ from PIL import Image
 
 from cnntrain import checkpoint, fileio, paths, weights
 from cnntrain.cli import app
-from cnntrain.data import builtins, imagecache
+from cnntrain.data import builtins, dataset_download, imagecache
 from cnntrain.data.imagecache import build_image_cache
 from cnntrain.data.scan import scan_samples
 from cnntrain.data.shapes import generate_shapes
@@ -189,7 +189,7 @@ def _count(name: str) -> dict[str, Any]:
 
 def test_commands_counting_models_together_keep_every_count():
     """Two processes count different models into one statistics file: both counts are kept."""
-    names = ["resnet18", "mobilenet_v3_small"]
+    names = ["squeezenet1_0", "squeezenet1_1"]
     together(_count, [(name,) for name in names])
     cached = json.loads(stats._stats_cache_path().read_text(encoding="utf-8"))
     assert sorted(cached) == sorted(f"{name}@64" for name in names)
@@ -241,6 +241,22 @@ def test_runs_fetching_a_built_in_dataset_together_all_get_it_whole(server, tmp_
     root = tmp_path / "datasets"
     assert together(_flowers, [(root,)] * 3) == [(["daisy", "roses"], 6, 2)] * 3
     assert os.listdir(root) == ["flower_photos"]
+
+
+def test_a_run_that_finds_the_archive_gone_and_the_dataset_extracted_uses_the_folder(tmp_path, monkeypatch):
+    """The moment a run fetching a dataset can lose to one started with it: between this run's
+    check and its extraction, the other extracted the archive and removed it. The archive is then
+    simply not there (not an error), and the extracted folder is the dataset."""
+    (tmp_path / "flower_photos" / "daisy").mkdir(parents=True)
+    archive = tmp_path / "flower_photos.tgz"  # removed by the other run
+    assert dataset_download.extract_tar(archive, tmp_path, "flower_photos") == tmp_path / "flower_photos"
+    archive.write_bytes(b"being checked while the other run removes it")
+
+    def removed_meanwhile(path: Any) -> str:
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(dataset_download, "sha256_file", removed_meanwhile)
+    assert dataset_download.verify_file(archive, "0" * 64) is False
 
 
 def _shapes(dest: Path) -> list[str]:
