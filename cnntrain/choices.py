@@ -38,5 +38,7 @@ PREDICT_FORMATS = ("table", "json", "csv")
 EVAL_FORMATS = ("table", "json", "csv")
 BENCH_FORMATS = ("table", "json", "csv")
 MODELS_FORMATS = ("table", "json", "csv")
+#: ``cnntrain models --source``: whose architectures to list (timm needs ``cnntrain[timm]``).
+MODEL_SOURCES = ("torchvision", "cnntrain", "timm")
 LR_FIND_FORMATS = ("table", "json")
 EVAL_SPLITS = ("val", "train", "all")

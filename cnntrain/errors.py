@@ -28,6 +28,16 @@ class CheckpointError(CnnTrainError):
     """A checkpoint or weights file is damaged, unsafe or does not fit the model."""
 
 
+class MissingDependencyError(CnnTrainError):
+    """An optional package (an extra: onnx, explain, tensorboard) is needed for this and is not
+    installed; the message names the ``pip install 'cnntrain[EXTRA]'`` that brings it."""
+
+
+def missing_extra(what: str, package: str, extra: str) -> MissingDependencyError:
+    """The one-line error for an optional package that is not installed, naming the pip command."""
+    return MissingDependencyError(f"{what} needs {package}, which is not installed: pip install 'cnntrain[{extra}]'")
+
+
 class WeightsError(CnnTrainError):
     """Pretrained weights are unavailable (not cached and not downloadable) or corrupt."""
 

@@ -27,15 +27,11 @@ from typing import Any
 
 import torch
 
-from cnntrain.errors import CheckpointError, CnnTrainError, UsageError, first_line
+from cnntrain.errors import CheckpointError, MissingDependencyError, UsageError, first_line
 from cnntrain.fileio import sha256_file
 
 SIDECAR_FORMAT = "cnntrain-export"
 ONNX_HINT = "pip install 'cnntrain[onnx]'"
-
-
-class MissingDependencyError(CnnTrainError):
-    """An optional package (onnx, onnxruntime) is needed for this and is not installed."""
 
 
 def sidecar_path(model_path: str | Path) -> Path:

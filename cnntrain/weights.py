@@ -524,6 +524,11 @@ def download_for(
     todo: dict[str, Any] = {}  # url -> the first spec naming it
     for spec in specs:
         if spec.weights is None:
+            if spec.pretrained_loader is not None and not all_:  # timm's: fetched by timm, not by URL
+                raise UsageError(
+                    f"{spec.name} loads its weights through timm, into the Hugging Face cache, the first time a run "
+                    f"uses them (`cnntrain train --arch {spec.name}`); download-weights fetches torchvision's"
+                )
             if not all_:
                 raise UsageError(f"{spec.name} has no pretrained weights (train it with --no-pretrained)")
             continue

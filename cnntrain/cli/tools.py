@@ -14,6 +14,7 @@ from rich.markup import escape
 from cnntrain.choices import (
     BENCH_FORMATS,
     CACHE_MODES,
+    MODEL_SOURCES,
     MODELS_FORMATS,
 )
 from cnntrain.cli.app import Opt, check_choice, command, err, one_of, out
@@ -26,12 +27,15 @@ from cnntrain.errors import UsageError, first_line
 def models(
     pattern: Annotated[str | None, typer.Argument(metavar="PATTERN", help="Glob or substring, e.g. 'resnet*' or 'shuffle'.")] = None,
     fmt: Annotated[str, typer.Option("--format", help=f"{one_of(MODELS_FORMATS)}.")] = "table",
+    source: Annotated[str | None, typer.Option("--source", help=f"Only the architectures of {one_of(MODEL_SOURCES)} (default: torchvision's and cnntrain's). timm's (pip install 'cnntrain[timm]', train them as --arch timm/NAME) are counted when PATTERN leaves at most 30.")] = None,
 ) -> None:
     """List architectures: family, parameters, GMACs at 224x224, ImageNet weights and top-1."""
     check_choice("--format", fmt, MODELS_FORMATS)
+    if source is not None:
+        check_choice("--source", source, MODEL_SOURCES)
     from cnntrain.models import model_rows
 
-    rows = model_rows(pattern, log=lambda s: err.print(escape(s)))  # stderr: --format json/csv stay parseable
+    rows = model_rows(pattern, log=lambda s: err.print(escape(s)), source=source)  # stderr: json/csv stay parseable
     if fmt != "table":
         from cnntrain.rows import format_rows
 
@@ -39,16 +43,27 @@ def models(
         return
     from rich.table import Table
 
-    table = Table(title=f"{len(rows)} architectures")
+    table = Table(title=f"{len(rows)} {source + ' ' if source else ''}architectures")
     for col, justify in (("name", "left"), ("family", "left"), ("params (M)", "right"), ("GMACs", "right"),
                          ("ImageNet weights", "left"), ("top-1", "right"), ("source", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in rows:
-        weights = "yes" if r["pretrained"] and r["source"] == "torchvision" else (
-            "backbone" if r["pretrained"] else "-")
-        table.add_row(r["name"], r["family"], f"{r['params_m']:.2f}", f"{r['gmacs']:.2f}", weights,
+        weights = _weights_cell(r)
+        table.add_row(r["name"], r["family"], _count_cell(r["params_m"]), _count_cell(r["gmacs"]), weights,
                       f"{r['top1']:.2f}" if r["top1"] is not None else "-", r["source"])
     out.print(table)
+
+
+def _weights_cell(row: dict) -> str:
+    """torchvision's weights are ImageNet's; ours start from a torchvision backbone; timm's by their
+    tag (``in12k_ft_in1k`` of timm/convnext_nano.in12k_ft_in1k), as there are several kinds."""
+    if not row["pretrained"]:
+        return "-"
+    return {"torchvision": "yes", "cnntrain": "backbone"}.get(row["source"], (row["weights"] or "yes").rpartition(".")[2])
+
+
+def _count_cell(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
 
 
 # --------------------------------------------------------------------------- bench

@@ -16,8 +16,8 @@ import torchvision
 
 from cnntrain.errors import CnnTrainError, WeightsError
 
-# Our own architectures register themselves on import.
-from cnntrain.models import cbam, se_resnet, shufflenet_v1  # noqa: F401
+# Our own architectures register themselves on import; timm's names resolve on use (`timm/<name>`).
+from cnntrain.models import cbam, se_resnet, shufflenet_v1, timm_models  # noqa: F401
 from cnntrain.models.heads import find_head, freeze_backbone, replace_head
 from cnntrain.models.registry import ModelSpec, get_spec, list_models
 from cnntrain.models.stats import model_stats_cached
@@ -30,6 +30,7 @@ __all__ = [
     "freeze_backbone",
     "get_model",
     "get_spec",
+    "head_of",
     "list_models",
     "model_info",
     "model_rows",
@@ -71,6 +72,9 @@ def build_model(
     spec = get_spec(name)
     if not pretrained:
         return spec.builder(num_classes=num_classes, **{**spec.build_kwargs, **kwargs}), None
+    if spec.pretrained_loader is not None:  # the library loads its own weights and sizes its head
+        model, new_head = spec.pretrained_loader(num_classes)
+        return model, LoadReport(weights=spec.weights_label or name, head=spec.head if new_head else None)
     if spec.weights is None:
         raise WeightsError(f"{name} has no pretrained weights; train it from scratch with --no-pretrained")
 
@@ -105,11 +109,20 @@ def normalisation(arch: str) -> tuple[list[float], list[float]]:
     it has none): a fact about the model, so training, bench and export all read it here."""
     from cnntrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    weights = get_spec(arch).weights
+    spec = get_spec(arch)
+    if spec.mean is not None and spec.std is not None:
+        return list(spec.mean), list(spec.std)
+    weights = spec.weights
     if weights is not None:
         preset = weights.transforms()
         return list(preset.mean), list(preset.std)
     return list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
+def head_of(arch: str, model: nn.Module, num_classes: int) -> str:
+    """The classifier of ``model``: the module its library names (timm's ``pretrained_cfg``), else
+    the one ``find_head`` finds. Freezing, the feature cache and the backbone's learning rate use it."""
+    return get_spec(arch).head or find_head(model, num_classes)
 
 
 def get_model(name: str, num_classes: int = 1000, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -124,8 +137,8 @@ def model_info(name: str) -> dict[str, Any]:
         "name": spec.name,
         "family": spec.family,
         "source": spec.source,
-        "pretrained": spec.weights is not None,
-        "weights": None,
+        "pretrained": spec.has_weights,
+        "weights": spec.weights_label,
         "top1": None,
         "min_size": spec.min_size,
         "description": spec.description,
@@ -138,17 +151,32 @@ def model_info(name: str) -> dict[str, Any]:
     return info
 
 
-def model_rows(pattern: str | None = None, img_size: int = 224,
-               log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def model_rows(pattern: str | None = None, img_size: int = 224, log: Callable[[str], None] | None = None,
+               source: str | None = None) -> list[dict[str, Any]]:
     """What `cnntrain models` lists: ``model_info`` of each architecture matching ``pattern``
     plus its parameters (millions) and GMACs at ``img_size``, counted once and cached
-    (``log`` hears one line before a first, slow count)."""
-    names = list_models(pattern)
+    (``log`` hears one line before a first, slow count).
+
+    ``source``: only torchvision's or cnntrain's (both by default), or timm's, whose counts
+    (``None`` otherwise) are only made when at most ``timm_models.COUNT_LIMIT`` names match."""
+    if source == "timm":
+        names = timm_models.timm_names(pattern)
+    else:
+        names = [n for n in list_models(pattern) if source in (None, get_spec(n).source)]
     if not names:
-        raise CnnTrainError(f"no architecture matches {pattern!r}; run `cnntrain models` for the full list")
-    stats = model_stats_cached(names, img_size, log=log)
-    return [
-        {**model_info(name), "params_m": round(stats[name]["params_m"], 3), "gmacs": round(stats[name]["gmacs"], 3),
-         "macs_img_size": stats[name]["img_size"]}
-        for name in names
-    ]
+        where = f"{source} " if source else ""
+        raise CnnTrainError(f"no {where}architecture matches {pattern!r}; run `cnntrain models"
+                            f"{' --source ' + source if source else ''}` for the full list")
+    counted = source != "timm" or len(names) <= timm_models.COUNT_LIMIT
+    if not counted and log is not None:
+        log(f"{len(names)} timm architectures match; parameters and GMACs are counted for at most "
+            f"{timm_models.COUNT_LIMIT} (timm ships no counts, and each one builds the model): narrow PATTERN, "
+            "e.g. 'convnext_*'")
+    stats = model_stats_cached(names, img_size, log=log) if counted else {}
+    rows = []
+    for name in names:
+        counts = stats.get(name)
+        rows.append({**model_info(name), "params_m": round(counts["params_m"], 3) if counts else None,
+                     "gmacs": round(counts["gmacs"], 3) if counts else None,
+                     "macs_img_size": counts["img_size"] if counts else None})
+    return rows

@@ -44,9 +44,34 @@ class ModelSpec:
     # Smallest square input the architecture accepts, for quick tests and MAC counts.
     min_size: int = 32
     description: str = ""
+    # Where another library loads its own weights (timm, from the Hugging Face cache) instead of a
+    # torchvision entry: builds the network with them and a head of ``num_classes`` outputs, and says
+    # whether that head is new. ``weights_label`` names those weights in messages.
+    pretrained_loader: Callable[[int], tuple[nn.Module, bool]] | None = None
+    weights_label: str | None = None
+    # Normalisation those weights were trained with (a torchvision entry carries its own).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    # The classifier's module name where the library states it; else ``heads.find_head`` finds it.
+    head: str | None = None
+
+    @property
+    def has_weights(self) -> bool:
+        """Whether trained weights exist to start from, wherever they are loaded from."""
+        return self.weights is not None or self.pretrained_loader is not None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+# Other libraries' zoos by name prefix (``timm/``), resolved on demand: they are large and slow to
+# import, so nothing of them is loaded until one of their names is used.
+_SOURCES: dict[str, Callable[[str], ModelSpec]] = {}
+
+
+def register_source(prefix: str, resolve: Callable[[str], ModelSpec]) -> None:
+    """Names starting with ``prefix`` (lowercase, e.g. ``timm/``) are looked up by ``resolve``."""
+    if prefix in _SOURCES:
+        raise ValueError(f"model source {prefix!r} is already registered")
+    _SOURCES[prefix] = resolve
 
 
 def register_model(
@@ -144,7 +169,11 @@ _register_torchvision()
 
 def get_spec(name: str) -> ModelSpec:
     """The registry entry for ``name``, in any case (``ResNet18`` is resnet18); unknown names
-    raise UsageError with close matches."""
+    raise UsageError with close matches. A registered source's prefix (``timm/``) hands the
+    name to that source."""
+    for prefix, resolve in _SOURCES.items():
+        if name.lower().startswith(prefix):
+            return resolve(name)
     spec = _REGISTRY.get(name) or _REGISTRY.get(name.lower())
     if spec is not None:
         return spec

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cnntrain.fileio import atomic_write_text, exclusive_lock
 from cnntrain.models.registry import get_spec
+from cnntrain.models.timm_models import is_timm_name
 from cnntrain.paths import model_stats_dir
 
 
@@ -56,12 +57,17 @@ def model_stats(name: str, img_size: int = 224) -> dict[str, float]:
     }
 
 
-def _stats_cache_path() -> Path:
+def _stats_cache_path(names: Sequence[str] = ()) -> Path:
     import torchvision
 
     from cnntrain import __version__
 
-    key = f"torch{torch.__version__}-tv{torchvision.__version__}-cnntrain{__version__}".replace("+", "_")
+    key = f"torch{torch.__version__}-tv{torchvision.__version__}-cnntrain{__version__}"
+    if any(is_timm_name(n) for n in names):  # timm's models change with timm's version: a file of their own
+        import timm
+
+        key += f"-timm{timm.__version__}"
+    key = key.replace("+", "_")
     return model_stats_dir() / f"{key}.json"
 
 
@@ -108,7 +114,7 @@ def model_stats_cached(names: list[str], img_size: int = 224,
     When some are missing, ``log`` (if given) is called once before counting, since the first
     count of the whole zoo takes tens of seconds; a tqdm bar follows on stderr when it is a terminal.
     """
-    path = _stats_cache_path()
+    path = _stats_cache_path(names)
     cache = _read_stats(path)
     missing = [n for n in names if f"{n}@{img_size}" not in cache]
     if missing and log is not None:

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cnntrain import checkpoint
-from cnntrain.models import build_model, find_head, get_spec, normalisation
+from cnntrain.models import build_model, get_spec, head_of, normalisation
 from cnntrain.train.distributed import DistContext
 
 Log = Callable[[str], None]
@@ -40,18 +40,18 @@ def build_run_model(arch: str, num_classes: int, *, pretrained: bool | None, wei
     ``warn`` (shown even with --quiet) hears of a ``freeze_layers`` run whose backbone starts random."""
     spec = get_spec(arch)
     if pretrained is None:
-        pretrained = spec.weights is not None and weights is None and resumed is None
-        if spec.weights is None and weights is None:
+        pretrained = spec.has_weights and weights is None and resumed is None
+        if not spec.has_weights and weights is None:
             log(f"{arch} has no ImageNet weights: training from scratch")
     if freeze_layers and not pretrained and not weights and resumed is None:
-        how = "--pretrained or --weights FILE" if spec.weights is not None else "--weights FILE"
+        how = "--pretrained or --weights FILE" if spec.has_weights else "--weights FILE"
         warn(f"warning: --freeze-layers without pretrained weights: a frozen, randomly initialised backbone cannot "
              f"learn useful features; start from trained weights ({how}) or drop --freeze-layers")
     with ctx.main_first():  # rank 0 downloads; the others then read its cache
         model, load_report = build_model(arch, num_classes, pretrained=pretrained)
     if load_report is not None:
         log(load_report.summary())
-    head = find_head(model, num_classes)
+    head = head_of(arch, model, num_classes)
     if weights and resumed is None:
         start = checkpoint.load(weights)
         log(checkpoint.load_weights_into(model, start["model"], head, weights).summary(weights))
