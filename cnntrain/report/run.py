@@ -22,7 +22,7 @@ KNOWN_PICTURES: dict[str, str] = {
     "learning_curves.png": "learning curves",
     "confusion_matrix.png": "confusion matrix of the best weights on the validation split",
     "top_losses.png": "the validation images with the highest loss",
-    "reliability_diagram.png": "reliability diagram: confidence against accuracy",
+    "reliability.png": "reliability diagram: confidence against accuracy",
     "class_counts.png": "images per class",
     "train_batch.jpg": "the first training batch, as the model sees it",
 }
