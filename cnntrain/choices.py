@@ -41,4 +41,5 @@ MODELS_FORMATS = ("table", "json", "csv")
 #: ``cnntrain models --source``: whose architectures to list (timm needs ``cnntrain[timm]``).
 MODEL_SOURCES = ("torchvision", "cnntrain", "timm")
 LR_FIND_FORMATS = ("table", "json")
+EXPLAIN_FORMATS = ("text", "json")
 EVAL_SPLITS = ("val", "train", "all")

@@ -15,6 +15,7 @@ from cnntrain.cli.app import app, err, main, out
 # isort: off
 from cnntrain.cli import training  # noqa: F401  train, lr-find
 from cnntrain.cli import results  # noqa: F401  predict, eval, export
+from cnntrain.cli import explain  # noqa: F401  explain
 from cnntrain.cli import report  # noqa: F401  report
 from cnntrain.cli import tools  # noqa: F401  models, bench, download-weights
 # isort: on
