@@ -8,6 +8,7 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -26,7 +27,7 @@ from cnntrain.choices import (
     SAMPLERS,
     SCHEDULES,
 )
-from cnntrain.errors import UsageError, first_line
+from cnntrain.errors import UsageError, first_line, missing_extra
 
 _S = TypeVar("_S")
 #: The largest seed every generator a run seeds takes (NumPy's limit; torch's samplers scale it).
@@ -104,6 +105,7 @@ class TrainConfig:
     exist_ok: bool = False
     resume: str | None = None
     quiet: bool = False
+    tensorboard: bool = False  # also log each epoch for TensorBoard in RUN/tensorboard (extra cnntrain[tensorboard])
 
     def validate(self) -> TrainConfig:
         """Reject values no run could use, before any data is read or model built."""
@@ -164,6 +166,8 @@ class TrainConfig:
         unknown = [a for a in self.aug if a not in AUGMENTATIONS]
         if unknown:
             raise UsageError(f"unknown --aug {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # looked up, not imported
+            raise missing_extra("--tensorboard", "the tensorboard package", "tensorboard")
         return self
 
     def to_dict(self) -> dict[str, Any]:

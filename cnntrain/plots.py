@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cnntrain.fileio import atomic_open
 
-__all__ = ["plot_confusion_matrix", "plot_learning_curves", "plot_lr_find"]
+__all__ = ["confusion_matrix_figure", "plot_confusion_matrix", "plot_learning_curves", "plot_lr_find"]
 
 ANNOTATE_MAX_CLASSES = 20  # above this, cell numbers become unreadable
 LABEL_MAX_CLASSES = 100  # above this, tick labels overlap whatever the font size
@@ -109,7 +109,18 @@ def plot_confusion_matrix(
     title: str | None = None,
     epoch: int | None = None,
 ) -> Path:
-    """Heatmap of true (rows) against predicted (columns) classes; returns the PNG path.
+    """:func:`confusion_matrix_figure` written as a PNG; returns its path."""
+    return save_png(confusion_matrix_figure(matrix, classes, normalize, title, epoch), path)
+
+
+def confusion_matrix_figure(
+    matrix: torch.Tensor | np.ndarray | Sequence[Sequence[float]],
+    classes: Sequence[str],
+    normalize: bool = True,
+    title: str | None = None,
+    epoch: int | None = None,
+) -> Figure:
+    """Heatmap of true (rows) against predicted (columns) classes (a PNG file, or TensorBoard's image).
 
     With ``normalize`` each row is divided by its total, so the diagonal reads as per-class
     recall and rare classes are as visible as common ones (a row with no samples stays 0);
@@ -164,7 +175,7 @@ def plot_confusion_matrix(
                 text = f"{v:.2f}\n{count}" if normalize else f"{count}"
                 colour = "white" if v > threshold else "black"
                 ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8)
-    return save_png(fig, path)
+    return fig
 
 
 class LrCurve(Protocol):

@@ -65,6 +65,7 @@ from cnntrain.train.lr_find import METHODS, lr_find_for_config
 from cnntrain.train.optim import OptimizerSettings, ScheduleSettings, describe_groups
 from cnntrain.train.phase import Phase, Phases
 from cnntrain.train.pipeline import PipelineSettings, build_pipeline
+from cnntrain.train.preview import write_train_batch
 from cnntrain.train.progress import Reporter
 from cnntrain.train.resume import ResumePlan, load_plan
 from cnntrain.train.run_model import RunModel, build_run_model, place, wrapper
@@ -72,6 +73,7 @@ from cnntrain.train.runfiles import MetricsCsv, draw_plots, finish, write_run_de
 from cnntrain.train.signals import Interrupted, StopRequest
 from cnntrain.train.splits import check_trainable, load_splits
 from cnntrain.train.state import TrainingState, TrainResult
+from cnntrain.train.tensorboard_log import TensorBoardLog
 
 
 def fit(cfg: TrainConfig, reporter: Reporter | None = None, resume: ResumePlan | None = None) -> TrainResult:
@@ -155,6 +157,8 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     phases = _phases(cfg, run, splits, frozen, device, ctx, amp_dtype, channels_last, reporter)
     if ctx.is_main:
         write_run_description(run_dir, save_yaml(cfg), splits.classes)
+        write_train_batch(run_dir, phases, start_epoch, splits.classes, run.mean, run.std, objective.batch_transform,
+                          resumed=plan is not None)
     checkpointer = Checkpointer(run_dir, dict(arch=cfg.arch, classes=splits.classes, img_size=cfg.img_size,
                                               mean=run.mean, std=run.std, config=cfg.to_dict()),
                                 enabled=ctx.is_main, world_size=ctx.world_size)
@@ -163,7 +167,9 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
         phases, state, objective.criterion, checkpointer, run.model, reporter, stop, ctx, epochs=cfg.epochs,
         batch_size=cfg.batch_size, num_classes=splits.num_classes, images=(len(splits.train), len(splits.val)),
         clip_grad=cfg.clip_grad, sync_every=sync_every_for(device),
-        reporters=[MetricsCsv(run_dir / "metrics.csv")], batch_transform=objective.batch_transform,
+        reporters=[MetricsCsv(run_dir / "metrics.csv")] + ([TensorBoardLog(run_dir, splits.classes)]
+                                                           if cfg.tensorboard else []),
+        batch_transform=objective.batch_transform,
         val_criterion=objective.val_criterion, after_step=(lambda _: ema.update(run.model)) if ema else None,
     )
     try:

@@ -28,9 +28,10 @@ from cnntrain.train.state import TrainingState
 
 class EpochReporter(Protocol):
     """Told each finished epoch's row (on rank 0), after the state recorded it: metrics.csv,
-    TensorBoard, a report page..."""
+    TensorBoard, a report page... ``val`` is the epoch's validation (its confusion matrix
+    included; None without a validation split), which the row only summarises."""
 
-    def epoch_end(self, row: dict[str, Any], history: list[dict[str, Any]]) -> None: ...
+    def epoch_end(self, row: dict[str, Any], history: list[dict[str, Any]], val: EvalResult | None) -> None: ...
 
 
 @dataclass
@@ -75,7 +76,7 @@ class EpochLoop:
             self.best_val = val if improved else self.best_val
             if self.ctx.is_main:
                 for reporter in self.reporters:
-                    reporter.epoch_end(row, self.state.history)
+                    reporter.epoch_end(row, self.state.history, val)
             self.checkpointer.end_of_epoch(self.model, shown, {k: v for k, v in row.items() if k != "epoch"},
                                            self.state, improved)
             self.reporter.info(format_epoch(shown, self.epochs, row))

@@ -48,7 +48,7 @@ class MetricsCsv:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def epoch_end(self, row: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    def epoch_end(self, row: dict[str, Any], history: list[dict[str, Any]], val: EvalResult | None) -> None:
         write_metrics_csv(self.path, history)
 
 
