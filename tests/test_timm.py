@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from cnntrain import checkpoint
 from cnntrain.cli import app
-from cnntrain.errors import UsageError, WeightsError
+from cnntrain.errors import MissingDependencyError, UsageError, WeightsError
 from cnntrain.models import build_model, get_spec, normalisation
 from cnntrain.models.heads import freeze_backbone, is_head
 from cnntrain.train.features import head_reproduces_model
@@ -137,9 +137,9 @@ def test_without_the_extra_a_timm_name_is_one_line_naming_the_pip_command(monkey
     monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` raise ImportError
     timm_spec.cache_clear()
     try:
-        text = one_line_error(invoke("models", "--source", "timm", code=2))
-        assert "pip install 'cnntrain[timm]'" in text
-        with pytest.raises(UsageError, match=r"pip install 'cnntrain\[timm\]'"):
+        text = one_line_error(invoke("models", "--source", "timm", code=1))
+        assert "needs timm, which is not installed: pip install 'cnntrain[timm]'" in text
+        with pytest.raises(MissingDependencyError, match=r"pip install 'cnntrain\[timm\]'"):
             get_spec("timm/resnet10t")
     finally:
         timm_spec.cache_clear()  # names resolved while timm was "missing" must not stay failed

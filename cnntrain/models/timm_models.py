@@ -23,11 +23,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from cnntrain.errors import UsageError, WeightsError, first_line
+from cnntrain.errors import UsageError, WeightsError, first_line, missing_extra
 from cnntrain.models.registry import ModelSpec, register_source
 
 PREFIX = "timm/"
-INSTALL = "pip install 'cnntrain[timm]'"
 #: ``cnntrain models --source timm`` counts parameters and GMACs only when at most this many names
 #: match: timm ships no counts, each one builds the model (0.3-1.5 s on a 2-core CPU, even on the
 #: meta device), and its whole zoo of ~1,400 would take tens of minutes.
@@ -44,7 +43,7 @@ def _timm() -> ModuleType:
     try:
         import timm
     except ImportError:
-        raise UsageError(f"timm architectures need the timm extra: {INSTALL}") from None
+        raise missing_extra(f"a {PREFIX} architecture", "timm", "timm") from None
     return timm
 
 
