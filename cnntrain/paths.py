@@ -1,6 +1,6 @@
 """Where cnntrain keeps what it caches: one function per location, and nothing else.
 
-Every cache folder (built-in datasets, scan verdicts, decoded images, model statistics,
+Every cache folder (built-in datasets, scan verdicts, file hashes, decoded images, model statistics,
 pretrained weights) is named here, so a user who asks "what can I delete, and where is it?"
 gets the answer from one file, and a module that needs a location never imports another
 module's internals (or its dependencies) to find it. Only the standard library is imported,
@@ -20,6 +20,7 @@ __all__ = [
     "HOME_ENV",
     "cache_root",
     "datasets_dir",
+    "hash_cache_dir",
     "image_cache_dir",
     "model_stats_dir",
     "scan_cache_dir",
@@ -43,6 +44,11 @@ def datasets_dir(root: str | os.PathLike[str] | None = None) -> Path:
 def scan_cache_dir() -> Path:
     """Where image-scan verdicts are remembered (``<hash of the dataset root>.json`` each)."""
     return cache_root() / "scan"
+
+
+def hash_cache_dir() -> Path:
+    """Where file hashes (content, and the perceptual hashes of ``check-data``) are remembered."""
+    return cache_root() / "hashes"
 
 
 def image_cache_dir() -> Path:

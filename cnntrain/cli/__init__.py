@@ -14,6 +14,7 @@ from cnntrain.cli.app import app, err, main, out
 # Each module registers its commands on import; this order is the order of `cnntrain --help`.
 # isort: off
 from cnntrain.cli import training  # noqa: F401  train, lr-find
+from cnntrain.cli import datacheck  # noqa: F401  check-data
 from cnntrain.cli import results  # noqa: F401  predict, eval, export
 from cnntrain.cli import explain  # noqa: F401  explain
 from cnntrain.cli import report  # noqa: F401  report

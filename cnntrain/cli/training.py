@@ -49,6 +49,8 @@ Momentum = Annotated[float | None, Optim(help=f"SGD momentum {default('momentum'
 WeightDecay = Annotated[float | None, Optim(help=f"L2 penalty on the weights {default('weight_decay')}.")]
 Device = Annotated[str | None, Hardware(help=f"auto, cpu, cuda, cuda:N or mps {default('device')}.")]
 Seed = Annotated[int | None, Hardware(help=f"Random seed {default('seed')}.")]
+BuiltinDataset = Annotated[str | None, Data(help="Built-in dataset: shapes (offline; the default), flowers, cifar10, cifar100.")]
+ValSplit = Annotated[float | None, Data(help=f"Held-out fraction per class when DIR is not pre-split {default('val_split')}.")]
 AugPreset = Annotated[str | None, Data(help=f"Augmentation that fits the data: photo (mirrors and 8-100% crops), no-mirror (digits, text, signs: no flips, 60-100% crops, +-10 deg), light (few images: gentle); the options below change one value each {default('aug_preset')}.")]
 HFlip = Annotated[float | None, Data(help=f"Probability of a left-right mirror; 0 where a mirror image is another class {default('hflip')}.")]
 VFlip = Annotated[float | None, Data(help=f"Probability of an upside-down flip (aerial or microscope images) {default('vflip')}.")]
@@ -62,7 +64,7 @@ ColorJitter = Annotated[float | None, Data(help=f"Brightness, contrast and satur
 def train(
     data_path: DataPath = None,
     dataset: Annotated[str | None, Data(help="Built-in dataset: shapes (offline; the default, trained from scratch at its own 64 px unless options say otherwise), flowers, cifar10, cifar100.")] = None,
-    val_split: Annotated[float | None, Data(help=f"Held-out fraction per class when DIR is not pre-split {default('val_split')}.")] = None,
+    val_split: ValSplit = None,
     img_size: ImgSize = None,
     aug: Annotated[str | None, Data(help=f"Extra augmentation, comma-separated: {_AUGS}; 'none' = deterministic.")] = None,
     aug_preset: AugPreset = None,
@@ -167,7 +169,7 @@ def _print_train_summary(result: Any) -> None:
 @command("lr-find", no_args_is_help=False)
 def lr_find(
     data_path: DataPath = None,
-    dataset: Annotated[str | None, Data(help="Built-in dataset: shapes (offline; the default), flowers, cifar10, cifar100.")] = None,
+    dataset: BuiltinDataset = None,
     img_size: ImgSize = None,
     aug_preset: AugPreset = None,
     hflip: HFlip = None,

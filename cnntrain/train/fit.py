@@ -50,6 +50,7 @@ from cnntrain.analysis.answers import AnswerCollector
 from cnntrain.analysis.run_end import RunAnalysis, analyse_best, without_validation
 from cnntrain.config import TrainConfig, save_yaml
 from cnntrain.data import DatasetSplits
+from cnntrain.datacheck.findings import leak_line
 from cnntrain.engine import EvalResult, evaluate, sync_every_for
 from cnntrain.errors import CnnTrainError, DataError, first_line
 from cnntrain.models import freeze_backbone, get_spec
@@ -129,6 +130,8 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     if plan is not None:
         plan.check_classes(splits.classes)
     reporter.info(splits.summary())
+    if ctx.is_main and (leak := leak_line(splits)):  # before the first epoch: the val score it inflates
+        reporter.always(leak)
     counts = class_counts([label for _, label in splits.train], splits.num_classes)
     _say(reporter, imbalance_line(counts, splits.classes))
     run = build_run_model(cfg.arch, splits.num_classes, pretrained=cfg.pretrained, weights=cfg.weights,
