@@ -27,7 +27,7 @@ def explain(
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
 ) -> None:
-    """Grad-CAM heatmaps over images: where a CNN found the evidence for its prediction (or for --class); exit code 1 if any image could not be read. Needs pip install 'cnntrain[explain]'."""
+    """Grad-CAM heatmaps over images: where a CNN found the evidence for its prediction (or for --class); exit code 1 if any image could not be read. Needs pip install 'cnntrain\\[explain]'."""
     from cnntrain.explain.images import explain_files
 
     check_choice("--format", fmt, EXPLAIN_FORMATS)

@@ -122,7 +122,7 @@ def train(
     exist_ok: Annotated[bool | None, Output("--exist-ok", help=f"Reuse project/name instead of numbering {default('exist_ok')}.")] = None,
     resume: Annotated[str | None, Output(help="Continue a run: its last.pt, its folder, or 'auto' for the latest.")] = None,
     quiet: Annotated[bool | None, Output("--quiet/--no-quiet", "-q", help=f"Print only the final summary; --no-quiet overrides a recipe's quiet: true {default('quiet')}.")] = None,
-    tensorboard: Annotated[bool | None, Output("--tensorboard/--no-tensorboard", help=f"Also log each epoch's losses, accuracies, learning rate and confusion matrix to RUN/tensorboard; view with `tensorboard --logdir runs`; needs pip install 'cnntrain[tensorboard]' {default('tensorboard')}.")] = None,
+    tensorboard: Annotated[bool | None, Output("--tensorboard/--no-tensorboard", help=f"Also log each epoch's losses, accuracies, learning rate and confusion matrix to RUN/tensorboard; view with `tensorboard --logdir runs`; needs pip install 'cnntrain\\[tensorboard]' {default('tensorboard')}.")] = None,
     config: Annotated[Path | None, Output("--config", help="YAML file of options; command-line flags win.")] = None,
 ) -> None:
     """Train or fine-tune an architecture on an image folder or a built-in dataset."""

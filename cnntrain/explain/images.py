@@ -79,8 +79,7 @@ def explain_files(inputs: list[str], weights: str | Path, *, class_name: str | N
     model, batcher = checkpoint.on_device(ckpt, resolve_device(device))
     temperature = stored_temperature(ckpt) or 1.0  # calibrated, as predict's probabilities are
     layer = find_target_layer(model, ckpt["img_size"], arch=ckpt["arch"])
-    log(f"Grad-CAM of {ckpt['arch']} on its layer {layer.name} ({' x '.join(map(str, layer.shape))} at "
-        f"{ckpt['img_size']} px)")
+    log(f"Grad-CAM on {ckpt['arch']}'s {layer.name}: {' x '.join(map(str, layer.shape))} at {ckpt['img_size']} px")
     rows = [Explained(path, error=error) for path, error in expand_inputs(inputs)]
     readable = [(row, image) for row in rows if row.error is None
                 for image in [_read(row, ckpt["img_size"])] if image is not None]
