@@ -45,3 +45,11 @@ def test_help_shows_no_typer_type_names_for_flags_and_arguments(runner):
         assert "<bool>" not in text and "<list[str]>" not in text and "{" not in text, text
     usage = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "200"}).output
     assert "cnntrain predict [OPTIONS] IMAGE..." in usage
+
+
+def test_an_image_size_the_architecture_cannot_take_is_refused_before_the_data_is_read(runner, tmp_path):
+    result = runner.invoke(app, ["train", "--arch", "vit_b_16", "--img-size", "64", "--no-pretrained",
+                                 "--data-path", str(tmp_path), "--project", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert "vit_b_16 takes images of at least 224 px" in result.output and "--img-size 224" in result.output
+    assert not (tmp_path / "runs").exists()

@@ -126,6 +126,7 @@ def _drop_aux_heads(model: nn.Module) -> None:
 # transformers / MaxViT need larger inputs than convnets.
 _NO_AUX = {"aux_logits": False, "init_weights": True}
 _TORCHVISION_KWARGS = {"googlenet": _NO_AUX, "inception_v3": _NO_AUX}
+# ViTs take exactly their image_size (a fixed patch grid); Swin pads its windows, so any size from 32 works.
 _TORCHVISION_MIN_SIZE = {"inception_v3": 75, "googlenet": 32, "alexnet": 63, "maxvit_t": 224, "squeezenet1_0": 33}
 
 
@@ -148,7 +149,7 @@ def _register_torchvision() -> None:
     for name in torchvision.models.list_models(module=torchvision.models):
         tv_builder = torchvision.models.get_model_builder(name)
         weights = torchvision.models.get_model_weights(name)
-        min_size = _TORCHVISION_MIN_SIZE.get(name, 224 if name.startswith(("vit_", "swin")) else 32)
+        min_size = _TORCHVISION_MIN_SIZE.get(name, 224 if name.startswith("vit_") else 32)
         _add(
             ModelSpec(
                 name=name,

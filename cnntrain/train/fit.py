@@ -52,7 +52,7 @@ from cnntrain.config import TrainConfig, save_yaml
 from cnntrain.data import DatasetSplits
 from cnntrain.datacheck.findings import leak_line
 from cnntrain.engine import EvalResult, evaluate, sync_every_for
-from cnntrain.errors import CnnTrainError, DataError, first_line
+from cnntrain.errors import CnnTrainError, DataError, UsageError, first_line
 from cnntrain.models import freeze_backbone, get_spec
 from cnntrain.runtime import amp_dtype_for, deterministic_note, resolve_device, seed_everything, use_channels_last
 from cnntrain.train import distributed, loss
@@ -122,7 +122,11 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
         distributed.check_sync_bn(cfg.sync_bn, device)
     seed_everything(cfg.seed, cfg.deterministic)
     _say(reporter, deterministic_note(device, cfg.deterministic))
-    cfg = dataclasses.replace(cfg, arch=get_spec(cfg.arch).name)  # a wrong name fails before the data scan
+    spec = get_spec(cfg.arch)  # a wrong name fails before the data scan
+    if cfg.img_size < spec.min_size:  # (a ViT's patch grid is fixed: it would fail inside its forward)
+        raise UsageError(f"--img-size {cfg.img_size}: {spec.name} takes images of at least {spec.min_size} px; "
+                         f"use --img-size {spec.min_size} or another --arch")
+    cfg = dataclasses.replace(cfg, arch=spec.name)
     with ctx.main_first():  # rank 0 scans (and downloads); the others then read its caches
         splits = load_splits(cfg.data_path, cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict,
                              info=reporter.info, warn=reporter.always, progress=reporter.interactive)
