@@ -15,7 +15,8 @@ The OS file cache is not dropped: first runs measure decoding and hashing, not t
 --plant K copies FOLDER (a flat class folder, e.g. from make_image_folder.py) to a temporary
 folder, adds K copies of each kind (byte copy, half size, JPEG quality 50, 2% cropped off each
 side, 5% off one side) of distinct originals, some in another class, and reports how many
-planted pairs check-data finds (recall) and how many of its pairs were planted (precision).
+planted pairs check-data finds (recall) and how many of its pairs were planted (precision), for
+each of --thresholds.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def time_runs(folder: Path, runs: int) -> None:
     print(f"train's leak check: {leak[0]:.2f}s without hashes cached, {leak[1]:.3f}s with")
 
 
-def plant(folder: Path, per_kind: int, seed: int) -> None:
+def plant(folder: Path, per_kind: int, seed: int, thresholds: list[int]) -> None:
     from cnntrain.data import load_folder
     from cnntrain.datacheck.findings import check_data
 
@@ -120,19 +121,20 @@ def plant(folder: Path, per_kind: int, seed: int) -> None:
                     make(im.convert("RGB")).convert("RGB").save(copy, quality=90)
             expected[frozenset({str(original), str(copy)})] = kind
         os.environ["CNNTRAIN_HOME"] = str(Path(tmp) / "home")
-        result = check_data(load_folder(root))
-    found = {frozenset({m.a.path, m.b.path}) for m in result.matches}
-    print(f"{len(originals)} planted pairs among {sum(1 for _ in folder.rglob('*.jpg')):,} images, "
-          f"threshold {result.near_threshold} bits")
-    true = found & set(expected)
-    print(f"precision {len(true) / max(1, len(found)):.3f} ({len(found - true)} unplanted pairs found), "
-          f"recall {len(true) / len(expected):.3f}")
-    for kind in KINDS:
-        pairs = [p for p, k in expected.items() if k == kind]
-        print(f"  {kind:17} {sum(p in found for p in pairs)}/{len(pairs)} found")
-    for m in result.matches:
-        if frozenset({m.a.path, m.b.path}) not in expected:
-            print(f"  unplanted: {m.kind} {m.distance} bits: {m.a.path} ~ {m.b.path}")
+        result = check_data(load_folder(root), near_threshold=max(thresholds))  # hashed once, cut below
+    print(f"{len(originals)} planted pairs among {sum(1 for _ in folder.rglob('*.jpg')):,} images")
+    for threshold in thresholds:
+        matches = [m for m in result.matches if m.distance <= threshold]
+        found = {frozenset({m.a.path, m.b.path}) for m in matches}
+        true = found & set(expected)
+        print(f"--near-threshold {threshold}: precision {len(true) / max(1, len(found)):.3f} "
+              f"({len(found - true)} unplanted pairs found), recall {len(true) / len(expected):.3f}")
+        for kind in KINDS:
+            pairs = [p for p, k in expected.items() if k == kind]
+            print(f"  {kind:17} {sum(p in found for p in pairs)}/{len(pairs)} found")
+        for m in matches:
+            if frozenset({m.a.path, m.b.path}) not in expected:
+                print(f"  unplanted: {m.kind} {m.distance} bits: {m.a.path} ~ {m.b.path}")
 
 
 def main() -> None:
@@ -141,9 +143,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="first runs (second runs: at least 3)")
     ap.add_argument("--plant", type=int, default=0, help="copies of each kind to plant (0: time instead)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--thresholds", default="20", help="with --plant: comma-separated --near-threshold values")
     args = ap.parse_args()
     if args.plant:
-        plant(args.folder, args.plant, args.seed)
+        plant(args.folder, args.plant, args.seed, [int(t) for t in args.thresholds.split(",")])
     else:
         time_runs(args.folder, args.runs)
 

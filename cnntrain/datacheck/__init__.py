@@ -11,6 +11,8 @@ perceptual hashes need the ``check`` extra (imagehash, imported when pictures ar
 """
 
 #: Largest distance, in bits of 128 (pHash + dHash), at which two images count as near-duplicates.
-#: On generated photo-like JPEGs it kept every resized, re-encoded and 2%-cropped copy (and most
-#: 3% crops) while no unrelated pair of 3,000 images (4.5 million pairs) came within it.
+#: On 10,000 generated photo-like JPEGs with 500 planted copies it found every byte copy, half-size,
+#: JPEG-quality-50 and 2%-cropped copy and 80% of those cropped 5% on one side (recall 0.96), with 7
+#: unplanted look-alike pairs among 50 million (precision 0.986); 14 bits found no unplanted pair
+#: but only 86% of the copies. A missed leak inflates a score unseen; a false pair costs a glance.
 NEAR_THRESHOLD = 20

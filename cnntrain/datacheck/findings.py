@@ -17,7 +17,8 @@ was copied three times is one match, not three.
 Why both hashes: pHash alone puts some unrelated pairs within 10 bits of each other on
 photo-like data, where a pair that is unrelated under one hash rarely is under the other; the
 sum of the two distances separates copies from unrelated images better than either does (the
-measurements behind ``NEAR_THRESHOLD`` are in the tests and README).
+measurements behind ``NEAR_THRESHOLD`` are in the README; ``scripts/bench_check_data.py --plant``
+repeats them). Matches are listed surest first: exact ones, then near ones by distance.
 """
 
 from __future__ import annotations
@@ -292,7 +293,7 @@ def check_data(splits: DatasetSplits, *, near_threshold: int = NEAR_THRESHOLD, w
     stats = [_split_stats(name, [r for r in readable if r.split == name], splits.classes, hashes.pictures)
              for name in SPLITS]
     return DataCheck(splits.description, str(splits.root), list(splits.classes), stats, unreadable,
-                     sorted(matches, key=lambda m: (_order(m.a), _order(m.b))),
+                     sorted(matches, key=lambda m: (not m.exact, m.distance, _order(m.a), _order(m.b))),
                      near_threshold if hashes.perceptual else None, time.perf_counter() - start)
 
 
