@@ -9,6 +9,7 @@ know is an error naming it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from rich.table import Table
 from cnntrain import checkpoint
 from cnntrain.checkpoint import on_device
 from cnntrain.data import (
+    DatasetSplits,
     ImageDataset,
     default_workers,
     eval_transform,
@@ -56,6 +58,25 @@ def data_of(ckpt: dict[str, Any], weights: str | Path, data_path: str | Path | N
     return None, name
 
 
+def checkpoint_splits(ckpt: dict[str, Any], weights: str | Path, data_path: str | Path | None, dataset: str | None,
+                      log: Callable[[str], None] = lambda s: None) -> DatasetSplits:
+    """The splits of :func:`data_of`'s data, cut with the checkpoint's own val_split and seed (so "val"
+    is what its training held out) and labelled with the checkpoint's class indices, by name.
+    eval scores on them; ``export --int8`` calibrates on the train split and checks on val."""
+    data_path, dataset = data_of(ckpt, weights, data_path, dataset, log)
+    seed = int((ckpt.get("config") or {}).get("seed", 0))
+    val_split = float((ckpt.get("config") or {}).get("val_split", 0.1))
+    if data_path is not None:
+        splits = load_folder(data_path, val_split=val_split, seed=seed)
+    else:
+        assert dataset is not None
+        splits = load_builtin(dataset, val_split=val_split, seed=seed)
+    to_ckpt = _label_map(splits.classes, list(ckpt["classes"]))
+    return dataclasses.replace(splits, classes=list(ckpt["classes"]),
+                               train=[(path, to_ckpt[label]) for path, label in splits.train],
+                               val=[(path, to_ckpt[label]) for path, label in splits.val])
+
+
 def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = None, dataset: str | None = None,
                         split: str = "val", batch_size: int = 64, workers: int | None = None,
                         device: str = "auto", plot: str | Path | None = None, tta: bool = False,
@@ -79,18 +100,9 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
                                   (reliability, "--reliability", "reliability.png")):
         check_output(path, option, example)
     ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
-    data_path, dataset = data_of(ckpt, weights, data_path, dataset, log)
-    seed = int((ckpt.get("config") or {}).get("seed", 0))
-    val_split = float((ckpt.get("config") or {}).get("val_split", 0.1))
-    if data_path is not None:
-        splits = load_folder(data_path, val_split=val_split, seed=seed)
-    else:
-        assert dataset is not None
-        splits = load_builtin(dataset, val_split=val_split, seed=seed)
+    splits = checkpoint_splits(ckpt, weights, data_path, dataset, log)
     classes: list[str] = list(ckpt["classes"])
-    to_ckpt = _label_map(splits.classes, classes)
     samples = {"val": splits.val, "train": splits.train, "all": splits.train + splits.val}[split]
-    samples = [(path, to_ckpt[label]) for path, label in samples]
     scan = scan_samples(samples)
     samples = scan.good
     if not samples:

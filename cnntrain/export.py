@@ -13,7 +13,8 @@ Every export is verified before it is published: a few fixed-seed inputs go thro
 model and through the exported file (onnxruntime / ``torch.jit.load``); a logit difference above
 ``TOLERANCE * max(1, max |logit|)`` is an error and nothing is left under the final name. The
 file is opened for that check by :func:`cnntrain.exported.open_exported`, the code predict runs
-it with; loading lives in :mod:`cnntrain.exported`, writing here.
+it with; loading lives in :mod:`cnntrain.exported`, writing here, and ``--int8`` (quantize the
+fp32 file, then check it against it) in :mod:`cnntrain.int8`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ MIN_OPSET = 9
 TOLERANCE = 1e-3
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # The sidecar fields copied into an ONNX file's metadata_props (JSON-encoded), for tools like Netron.
-_METADATA_KEYS = ("arch", "classes", "img_size", "resize", "mean", "std", "input", "output", "source_checkpoint")
+METADATA_KEYS = ("arch", "classes", "img_size", "resize", "mean", "std", "input", "output", "source_checkpoint",
+                 "temperature")
 # The ONNX exporter ends "operator not supported" with an invitation to file a request: not what the user can do.
 _ONNX_SUPPORT_PLEA = " Please feel free to request support"
 
@@ -103,17 +105,26 @@ class ExportResult:
     allowed: float  # the tolerance that difference was held to
     batch_sizes: list[int]  # batches verified
     seconds: float
+    int8: Any = None  # export --int8: the int8.Int8Report (agreement with fp32, speed-up)
 
 
 def export_checkpoint(weights: str | Path, fmt: str = "onnx", output: str | Path | None = None, *,
                       dynamic_batch: bool = False, opset: int | None = None) -> ExportResult:
     """Export a cnntrain checkpoint (arch, classes, image size, normalisation all come from it)."""
     from cnntrain import checkpoint
-    from cnntrain.analysis.calibration import stored_temperature
 
     output = Path(output) if output is not None else default_output(weights, fmt)
-    _check_request(fmt, opset, output)  # before the (maybe large) checkpoint is read
+    check_request(fmt, opset, output)  # before the (maybe large) checkpoint is read
     ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
+    return export_loaded(ckpt, weights, output, fmt, dynamic_batch=dynamic_batch, opset=opset)
+
+
+def export_loaded(ckpt: dict[str, Any], weights: str | Path, output: str | Path, fmt: str, *,
+                  dynamic_batch: bool = False, opset: int | None = None) -> ExportResult:
+    """:func:`export_checkpoint` of a checkpoint already read (``export --int8`` reads it for its data too)."""
+    from cnntrain import checkpoint
+    from cnntrain.analysis.calibration import stored_temperature
+
     model = checkpoint.restore_model(ckpt)
     return export_model(model, output, fmt, arch=ckpt["arch"], classes=ckpt["classes"], img_size=ckpt["img_size"],
                         mean=ckpt["mean"], std=ckpt["std"], dynamic_batch=dynamic_batch, opset=opset,
@@ -126,7 +137,7 @@ def export_model(model: nn.Module, output: str | Path, fmt: str, *, arch: str, c
                  source: dict[str, Any] | None = None) -> ExportResult:
     """Export ``model`` (any classifier), verify it, then publish the file and its sidecar."""
     output = Path(output)
-    _check_request(fmt, opset, output)
+    check_request(fmt, opset, output)
     if fmt == "onnx":
         opset = opset or DEFAULT_OPSET
     start = time.perf_counter()
@@ -139,7 +150,7 @@ def export_model(model: nn.Module, output: str | Path, fmt: str, *, arch: str, c
         with fileio.atomic_path(output) as tmp:  # published only once verified
             if fmt == "onnx":
                 _write_onnx(wrapped, example, tmp, opset=meta["opset"], dynamic_batch=dynamic_batch, arch=arch,
-                            img_size=img_size, metadata={k: meta[k] for k in _METADATA_KEYS if k in meta})
+                            img_size=img_size, metadata={k: meta[k] for k in METADATA_KEYS if k in meta})
             else:
                 _write_torchscript(wrapped, example, tmp, arch=arch, img_size=img_size)
             runner = exported.open_exported(fmt, tmp, meta, "cpu")
@@ -160,7 +171,7 @@ def export_model(model: nn.Module, output: str | Path, fmt: str, *, arch: str, c
     return ExportResult(output, sidecar, fmt, diff, allowed, sizes, time.perf_counter() - start)
 
 
-def _check_request(fmt: str, opset: int | None, output: Path) -> None:
+def check_request(fmt: str, opset: int | None, output: Path) -> None:
     """Everything that can be wrong with the request itself, checked before any work is done."""
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")

@@ -135,15 +135,30 @@ def export(
     output: Annotated[Path | None, Opt("--output", "-o", help="Exported file (default: beside the checkpoint, best.onnx / best.torchscript.pt); the sidecar is this name + .json.")] = None,
     dynamic_batch: Annotated[bool, Opt("--dynamic-batch", help="Accept any batch size (default: exactly 1 image per call).")] = False,
     opset: Annotated[int | None, Opt(help="ONNX opset version (default: 17).")] = None,
+    int8: Annotated[bool, Opt("--int8", help="Statically quantized int8 ONNX for the CPU (default file best.int8.onnx), calibrated on training images; kept only if its top-1 agrees with fp32 on the validation images (99% unless --accept-drop); the agreement and the measured speed-up go in the sidecar.")] = False,
+    calib_images: Annotated[int | None, Opt(help="With --int8: training images to calibrate on (default: 200).")] = None,
+    accept_drop: Annotated[float | None, Opt(help="With --int8: the fraction of images whose top-1 may change, e.g. 0.02 (default: 0.01).")] = None,
+    data_path: Annotated[Path | None, Opt("--data-path", "--data", help="With --int8: ImageFolder root to calibrate (train split) and check (val split) on (default: the data the checkpoint was trained on).")] = None,
     project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
 ) -> None:
     """Export a checkpoint to ONNX or TorchScript (uint8 RGB in, logits out) plus a JSON sidecar; verified against PyTorch."""
     from cnntrain.export import export_checkpoint
+    from cnntrain.int8 import check_int8_request, describe, export_int8
 
     check_choice("--format", fmt, EXPORT_FORMATS)
-    result = export_checkpoint(_weights_or_latest(weights, project), fmt, output, dynamic_batch=dynamic_batch,
-                               opset=opset)
+    check_int8_request(fmt, calib_images, accept_drop, int8)
+    if data_path is not None and not int8:
+        raise UsageError("--data-path goes with --int8 (the images to calibrate and check on)")
+    path = _weights_or_latest(weights, project)
+    if int8:
+        result = export_int8(path, output, calib_images=calib_images, accept_drop=accept_drop, data_path=data_path,
+                             dynamic_batch=dynamic_batch, opset=opset, log=lambda s: err.print(escape(s)))
+    else:
+        result = export_checkpoint(path, fmt, output, dynamic_batch=dynamic_batch, opset=opset)
     size_mb = result.path.stat().st_size / 1e6
     out.print(f"exported {result.path} ({size_mb:.1f} MB, {result.seconds:.1f}s), sidecar {result.sidecar}")
     out.print(f"verified against PyTorch on batch sizes {', '.join(map(str, result.batch_sizes))}: "
-              f"max |logit difference| {result.max_abs_diff:.2e} (allowed {result.allowed:.1e})")
+              f"max |logit difference| {result.max_abs_diff:.2e} (allowed {result.allowed:.1e})"
+              + (" (the fp32 graph, before quantization)" if int8 else ""))
+    for line in describe(result.int8) if int8 else ():
+        out.print(line)

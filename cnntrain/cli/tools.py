@@ -71,8 +71,9 @@ def _count_cell(value: float | None) -> str:
 
 @command()
 def bench(
-    arch: Annotated[str, Opt(help="Architectures, comma-separated, e.g. resnet18,mobilenet_v3_small.")] = "resnet18",
-    img_size: Annotated[int, Opt(help="Input size in pixels.")] = 224,
+    arch: Annotated[str | None, Opt(help="Architectures, comma-separated, e.g. resnet18,mobilenet_v3_small (default: resnet18).")] = None,
+    weights: Annotated[list[Path] | None, Opt(help="Time this file as predict runs it instead: an export (.onnx, e.g. int8, or TorchScript) or a checkpoint; latency at batch 1 and images/s at --batch-size. Repeat to compare files.")] = None,
+    img_size: Annotated[int | None, Opt(help="Input size in pixels (default: 224).")] = None,
     batch_size: Annotated[int, Opt(help="Batch size for throughput (latency is at batch 1).")] = 32,
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     amp: Annotated[bool | None, Opt("--amp/--no-amp", help="Mixed precision (default: on for CUDA, bf16 where supported).")] = None,
@@ -93,14 +94,36 @@ def bench(
     from cnntrain.rows import format_rows
 
     check_choice("--format", fmt, BENCH_FORMATS)
-    rows = run_bench(parse_archs(arch), img_size=img_size, batch_size=batch_size, device=device, amp=amp,
-                     channels_last=channels_last, runs=runs, data_path=data_path, pipeline=pipeline,
-                     workers=workers, epochs=epochs, cache=cache, cache_max_gb=cache_max_gb, gpu_decode=gpu_decode,
-                     log=lambda s: err.print(escape(s)))
+    if weights:
+        _bench_files(weights, batch_size=batch_size, device=device, runs=runs, fmt=fmt, unused={
+            "--arch": arch, "--img-size": img_size, "--amp/--no-amp": amp, "--channels-last": channels_last,
+            "--plot": plot, "--pipeline": pipeline or None, "--data-path": data_path, "--workers": workers,
+            "--cache-max-gb": cache_max_gb, "--gpu-decode": gpu_decode or None})
+        return
+    rows = run_bench(parse_archs(arch or "resnet18"), img_size=224 if img_size is None else img_size,
+                     batch_size=batch_size, device=device, amp=amp, channels_last=channels_last, runs=runs,
+                     data_path=data_path, pipeline=pipeline, workers=workers, epochs=epochs, cache=cache,
+                     cache_max_gb=cache_max_gb, gpu_decode=gpu_decode, log=lambda s: err.print(escape(s)))
     if plot is not None:
         err.print(f"plot: {plot_bench(rows, plot)}")
     if fmt == "table":
         out.print(bench_table(rows))
+    else:
+        print(format_rows(rows, fmt), end="")
+
+
+def _bench_files(weights: list[Path], *, batch_size: int, device: str, runs: int, fmt: str, unused: dict) -> None:
+    """``bench --weights``: the file decides the architecture, size and precision; options about those are errors."""
+    from cnntrain.bench_files import bench_files, files_table
+    from cnntrain.rows import format_rows
+
+    given = [name for name, value in unused.items() if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to --weights (the file "
+                         "sets the architecture, image size and precision); give --batch-size, --runs, --device, --format")
+    rows = bench_files(weights, batch_size=batch_size, runs=runs, device=device, log=lambda s: err.print(escape(s)))
+    if fmt == "table":
+        out.print(files_table(rows))
     else:
         print(format_rows(rows, fmt), end="")
 
