@@ -175,3 +175,18 @@ def test_bench_weights_rejects_options_the_file_decides(int8_export):
     path, _ = int8_export
     line = one_line_error(invoke("bench", "--weights", str(path), "--arch", "resnet18", "--img-size", "64", code=2))
     assert "--arch, --img-size do not apply to --weights" in line
+
+
+def test_files_table_shows_every_file_with_its_figures():
+    from rich.console import Console
+
+    from cnntrain.bench_files import files_table
+
+    rows = [{"weights": f"m{i}.onnx", "format": "onnx", "int8": bool(i), "arch": "resnet18", "img_size": 224,
+             "size_mb": 44.7 / (1 + 3 * i), "latency_ms": 20.0 - i, "infer_images_per_s": 50.0 + i,
+             "batch_size": 32, "runs": 5, "cpu": "a CPU, 2 cores"} for i in range(2)]
+    console = Console(record=True, width=200)
+    console.print(files_table(rows))
+    text = console.export_text()
+    assert "batch 32" in text and "a CPU, 2 cores" in text
+    assert "m0.onnx" in text and "m1.onnx" in text and "11.2" in text and "19.00" in text and "yes" in text
