@@ -81,7 +81,7 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
                         split: str = "val", batch_size: int = 64, workers: int | None = None,
                         device: str = "auto", plot: str | Path | None = None, tta: bool = False,
                         errors: str | Path | None = None, top_losses: str | Path | None = None,
-                        reliability: str | Path | None = None, calibration: bool = True,
+                        reliability: str | Path | None = None, calibration: bool = True, explain: bool = False,
                         log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Score ``weights`` on a split of ``data_path`` or ``dataset`` (neither: the checkpoint's own data).
 
@@ -90,7 +90,8 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
     The same pass keeps every image's logits for the per-image entries of
     :func:`cnntrain.analysis.figures.answer_report` (calibration, coverage, most confused) and the
     files ``errors`` (csv), ``top_losses`` and ``reliability`` (PNG); they are of the plain scores,
-    with the checkpoint's temperature unless ``calibration`` is False.
+    with the checkpoint's temperature unless ``calibration`` is False. ``explain`` lays each top
+    loss's Grad-CAM heatmap (of the predicted class) over it.
     """
     from cnntrain.analysis.answers import AnswerCollector
     from cnntrain.analysis.calibration import stored_temperature
@@ -99,6 +100,8 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
     for path, option, example in ((errors, "--errors", "errors.csv"), (top_losses, "--top-losses", "top_losses.png"),
                                   (reliability, "--reliability", "reliability.png")):
         check_output(path, option, example)
+    if explain and top_losses is None:
+        raise UsageError("--explain draws Grad-CAM over the top-loss grid: give --top-losses FILE.png too")
     ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
     splits = checkpoint_splits(ckpt, weights, data_path, dataset, log)
     classes: list[str] = list(ckpt["classes"])
@@ -110,6 +113,11 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
 
     dev = resolve_device(device)
     model, batcher = on_device(ckpt, dev)
+    heatmaps = None
+    if explain:  # the layer is found, and a missing extra fails, before the pass
+        from cnntrain.explain.grid import heatmaps_of
+
+        heatmaps = heatmaps_of(model, batcher, ckpt["img_size"], arch=ckpt["arch"])
     loader = make_loader(ImageDataset(samples, eval_transform(ckpt["img_size"])), batch_size=batch_size,
                          shuffle=False, workers=default_workers() if workers is None else workers, device=dev)
     with_tta: EvalResult | None = None
@@ -138,7 +146,7 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
         report["tta"] = _headline(with_tta)
     report.update(answer_report(answers.answers(samples, classes), matrix.matrix, temperature=stored_temperature(ckpt),
                                 calibrated=calibration, img_size=ckpt["img_size"], errors=errors,
-                                top_losses_png=top_losses, reliability_png=reliability,
+                                top_losses_png=top_losses, reliability_png=reliability, heatmaps=heatmaps,
                                 what=f"{ckpt['arch']} on {result.images} {split} images"))
     if plot is not None:
         from cnntrain.plots import plot_confusion_matrix

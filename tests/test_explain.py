@@ -295,3 +295,17 @@ def test_a_missing_extra_is_one_line_naming_the_pip_command(monkeypatch, image_f
                                               "--project", str(tmp_path / "runs")])
     assert no_tensorboard.exit_code == 1 and "pip install 'cnntrain[tensorboard]'" in _one_line(no_tensorboard)
     assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+@pytest.mark.integration
+def test_eval_explain_lays_grad_cam_over_the_top_losses(runs, tmp_path):
+    common = ["eval", "--weights", str(runs["with"] / "best.pt"), "--data-path", str(runs["data"]), "--workers", "0",
+              "--device", "cpu", "--format", "json"]
+    plain, cams = tmp_path / "plain.png", tmp_path / "cams.png"
+    for extra in (["--top-losses", str(plain)], ["--top-losses", str(cams), "--explain"]):
+        result = CliRunner().invoke(app, [*common, *extra])
+        assert result.exit_code == 0, result.output
+    with Image.open(plain) as a, Image.open(cams) as b:
+        assert a.size == b.size and a.tobytes() != b.tobytes()  # the same grid, now with heatmaps over it
+    alone = CliRunner().invoke(app, [*common, "--explain"])
+    assert alone.exit_code == 2 and "give --top-losses FILE.png too" in _one_line(alone)

@@ -8,6 +8,7 @@ are listed in its docstring and in README, "cnntrain eval") and writes the files
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,10 @@ from cnntrain.analysis.answers import Answers
 from cnntrain.analysis.calibration import ECE_BINS, coverage, expected_calibration_error, nll
 from cnntrain.analysis.mistakes import errors_csv, misclassified, most_confused, top_losses
 from cnntrain.errors import UsageError
+
+#: ``(paths, class indices) -> a heatmap per image (None: unreadable)``, e.g. Grad-CAM's
+#: (:func:`cnntrain.explain.grid.heatmaps_of`), laid over the top-loss grid.
+Heatmaps = Callable[[Sequence[str], Sequence[int]], list[torch.Tensor | None]]
 
 
 def check_output(path: str | Path | None, option: str, example: str) -> None:
@@ -35,7 +40,7 @@ def check_output(path: str | Path | None, option: str, example: str) -> None:
 
 def answer_report(answers: Answers, matrix: torch.Tensor, *, temperature: float | None, calibrated: bool,
                   img_size: int, what: str, errors: str | Path | None = None, top_losses_png: str | Path | None = None,
-                  reliability_png: str | Path | None = None) -> dict[str, Any]:
+                  reliability_png: str | Path | None = None, heatmaps: Heatmaps | None = None) -> dict[str, Any]:
     """The report's per-image entries; probabilities are divided by ``temperature`` when ``calibrated``.
 
     - ``calibration``: ``temperature`` (the checkpoint's, 1.0 without one), ``from_checkpoint``,
@@ -45,7 +50,8 @@ def answer_report(answers: Answers, matrix: torch.Tensor, *, temperature: float 
       share of images a ``predict --min-confidence`` would answer, and the accuracy of those answers;
     - ``most_confused``: ``[{true, predicted, count}]``, largest first (the 10 largest);
     - ``misclassified``: how many images the top answer got wrong;
-    - ``errors``, ``top_losses``, ``reliability``: the files written, when asked for."""
+    - ``errors``, ``top_losses``, ``reliability``: the files written, when asked for; ``heatmaps``
+      (``eval --explain``, :func:`cnntrain.explain.grid.heatmaps_of`) lays Grad-CAM over the top losses."""
     t = temperature or 1.0
     used = t if calibrated else 1.0
     probs = answers.probs(used)
@@ -61,13 +67,13 @@ def answer_report(answers: Answers, matrix: torch.Tensor, *, temperature: float 
         "most_confused": [pair.as_dict() for pair in most_confused(matrix, answers.classes)],
         "misclassified": int((probs.argmax(1) != answers.targets).sum()),
     }
-    _write_files(report, answers, used, img_size, what, errors, top_losses_png, reliability_png)
+    _write_files(report, answers, used, img_size, what, errors, top_losses_png, reliability_png, heatmaps)
     return report
 
 
 def _write_files(report: dict[str, Any], answers: Answers, used: float, img_size: int, what: str,
                  errors: str | Path | None, top_losses_png: str | Path | None,
-                 reliability_png: str | Path | None) -> None:
+                 reliability_png: str | Path | None, heatmaps: Heatmaps | None) -> None:
     if errors is not None:
         with checkpoint.write_errors_reported(errors):
             fileio.atomic_write_text(Path(errors), errors_csv(misclassified(answers, used)))
@@ -78,9 +84,14 @@ def _write_files(report: dict[str, Any], answers: Answers, used: float, img_size
     from cnntrain.analysis.pictures import plot_reliability, plot_top_losses
 
     if top_losses_png is not None:
+        worst = top_losses(answers, temperature=used)
+        maps = None
+        if heatmaps is not None:  # of the predicted class: what the model took for evidence
+            index = {name: i for i, name in enumerate(answers.classes)}
+            maps = heatmaps([m.path for m in worst], [index[m.predicted] for m in worst])
         with checkpoint.write_errors_reported(top_losses_png):
-            report["top_losses"] = str(plot_top_losses(top_losses(answers, temperature=used), img_size,
-                                                       top_losses_png, scored=len(answers), temperature=used))
+            report["top_losses"] = str(plot_top_losses(worst, img_size, top_losses_png, scored=len(answers),
+                                                       temperature=used, heatmaps=maps))
     if reliability_png is not None:
         curves = [("raw softmax", reliability(answers.probs(), answers.targets))]
         if report["calibration"]["from_checkpoint"]:

@@ -39,18 +39,25 @@ def _short(name: str, limit: int = 18) -> str:
 
 
 def plot_top_losses(mistakes: Sequence[Mistake], img_size: int, path: str | os.PathLike[str], *,
-                    scored: int, temperature: float = 1.0) -> Path:
+                    scored: int, temperature: float = 1.0,
+                    heatmaps: Sequence[torch.Tensor | None] | None = None) -> Path:
     """A grid of the images with the highest loss, worst first, each titled true / predicted /
     probability of the prediction (and the probability the model gave the true class); the
     title of a right answer is green, of a wrong one red. ``scored``: how many images they
-    were chosen from."""
+    were chosen from. ``heatmaps`` (``eval --explain``): one Grad-CAM map per image, of the
+    predicted class, laid over it."""
     rows = max(1, math.ceil(len(mistakes) / COLUMNS))
     fig = new_figure(2.6 * COLUMNS, 2.9 * rows + 0.5)
     axes = np.atleast_1d(fig.subplots(rows, COLUMNS)).reshape(-1)
-    for ax, mistake in zip(axes, mistakes):
+    for index, (ax, mistake) in enumerate(zip(axes, mistakes)):
         image = shown_image(mistake.path, img_size)
+        heatmap = heatmaps[index] if heatmaps is not None else None
         if image is None:
             ax.text(0.5, 0.5, "unreadable now", ha="center", va="center", transform=ax.transAxes)
+        elif heatmap is not None:
+            from cnntrain.explain.overlay import overlay
+
+            ax.imshow(overlay(image, heatmap), interpolation="nearest")
         else:
             ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
         wrong = mistake.true != mistake.predicted
@@ -64,8 +71,9 @@ def plot_top_losses(mistakes: Sequence[Mistake], img_size: int, path: str | os.P
     for ax in axes[len(mistakes):]:
         ax.set_axis_off()
     calibrated = f", temperature {temperature:.2f}" if temperature != 1.0 else ""
+    cam = "; Grad-CAM of the predicted class over each" if heatmaps is not None else ""
     fig.suptitle(f"Top {len(mistakes)} losses of {scored} images: true / predicted / probability of the "
-                 f"prediction{calibrated}\n(red: wrong answer; as the model saw them, {img_size} px)", fontsize=10)
+                 f"prediction{calibrated}\n(red: wrong answer; as the model saw them, {img_size} px{cam})", fontsize=10)
     return save_png(fig, path)
 
 

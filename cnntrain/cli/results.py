@@ -102,6 +102,7 @@ def eval_(
     top_losses: Annotated[Path | None, Opt("--top-losses", help="Write a PNG grid of the 16 images with the highest loss, titled true / predicted / probability.")] = None,
     reliability: Annotated[Path | None, Opt(help="Write the reliability diagram (accuracy against confidence, raw and with the checkpoint's temperature) as a PNG.")] = None,
     calibration: Annotated[bool, Opt("--calibration/--no-calibration", help="Divide the logits by the temperature training stored in the checkpoint; --no-calibration shows the raw softmax.")] = True,
+    explain: Annotated[bool, Opt("--explain", help="Lay each top loss's Grad-CAM heatmap (of the predicted class) over it, in the --top-losses grid (needs the explain extra).")] = False,
     workers: Annotated[int | None, Opt(help="DataLoader worker processes.")] = None,
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     project: Annotated[str, Opt(help="Where runs live (for the default weights).")] = "runs",
@@ -116,7 +117,7 @@ def eval_(
     report = evaluate_checkpoint(_weights_or_latest(weights, project), data_path=data_path, dataset=dataset,
                                  split=split, batch_size=batch_size, workers=workers, device=device, plot=plot,
                                  tta=tta, errors=errors, top_losses=top_losses, reliability=reliability,
-                                 calibration=calibration, log=lambda s: err.print(escape(s)))
+                                 calibration=calibration, explain=explain, log=lambda s: err.print(escape(s)))
     if fmt == "json":
         print(json.dumps(report, indent=2))
     elif fmt == "csv":
