@@ -61,7 +61,7 @@ from cnntrain.train.checkpointer import Checkpointer
 from cnntrain.train.distributed import DistContext
 from cnntrain.train.features import cached_features
 from cnntrain.train.imbalance import class_counts, imbalance_line
-from cnntrain.train.loop import EpochLoop
+from cnntrain.train.loop import EpochLoop, EpochReporter
 from cnntrain.train.lr_find import METHODS, lr_find_for_config
 from cnntrain.train.optim import OptimizerSettings, ScheduleSettings, describe_groups
 from cnntrain.train.phase import Phase, Phases
@@ -110,23 +110,9 @@ def fit(cfg: TrainConfig, reporter: Reporter | None = None, resume: ResumePlan |
 def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistContext, device: torch.device,
          plan: ResumePlan | None) -> TrainResult:
     started = time.perf_counter()
-    if plan is None and cfg.resume:
-        plan = load_plan(cfg.resume, cfg.project)
-    if plan is not None:
-        plan.check_epochs(cfg.epochs)
-        if plan.note:
-            reporter.info(plan.note)
-    if plan is None and ctx.is_main:
-        checkpoint.check_project(cfg.project)  # an unusable output folder fails before any work
-    if ctx.enabled:
-        distributed.check_sync_bn(cfg.sync_bn, device)
+    cfg, plan = _checked(cfg, plan, ctx, device, reporter)
     seed_everything(cfg.seed, cfg.deterministic)
     _say(reporter, deterministic_note(device, cfg.deterministic))
-    spec = get_spec(cfg.arch)  # a wrong name fails before the data scan
-    if cfg.img_size < spec.min_size:  # (a ViT's patch grid is fixed: it would fail inside its forward)
-        raise UsageError(f"--img-size {cfg.img_size}: {spec.name} takes images of at least {spec.min_size} px; "
-                         f"use --img-size {spec.min_size} or another --arch")
-    cfg = dataclasses.replace(cfg, arch=spec.name)
     with ctx.main_first():  # rank 0 scans (and downloads); the others then read its caches
         splits = load_splits(cfg.data_path, cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict,
                              info=reporter.info, warn=reporter.always, progress=reporter.interactive)
@@ -174,9 +160,7 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
         phases, state, objective.criterion, checkpointer, run.model, reporter, stop, ctx, epochs=cfg.epochs,
         batch_size=cfg.batch_size, num_classes=splits.num_classes, images=(len(splits.train), len(splits.val)),
         clip_grad=cfg.clip_grad, sync_every=sync_every_for(device),
-        reporters=[MetricsCsv(run_dir / "metrics.csv")] + ([TensorBoardLog(run_dir, splits.classes)]
-                                                           if cfg.tensorboard else []),
-        batch_transform=objective.batch_transform,
+        reporters=_epoch_reporters(cfg, run_dir, splits.classes), batch_transform=objective.batch_transform,
         val_criterion=objective.val_criterion, after_step=(lambda _: ema.update(run.model)) if ema else None,
     )
     try:
@@ -193,6 +177,35 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     result.best_scores = best_val.confusion.scores() if best_val is not None else None
     finish(result, best_val, splits, cfg.arch, ctx, analysis)
     return result
+
+
+def _checked(cfg: TrainConfig, plan: ResumePlan | None, ctx: DistContext, device: torch.device,
+             reporter: Reporter) -> tuple[TrainConfig, ResumePlan | None]:
+    """What can fail cheaply fails before the data scan: the run to resume and its epochs, the
+    output folder, --sync-bn, the architecture's name and the image size it takes."""
+    if plan is None and cfg.resume:
+        plan = load_plan(cfg.resume, cfg.project)
+    if plan is not None:
+        plan.check_epochs(cfg.epochs)
+        if plan.note:
+            reporter.info(plan.note)
+    if plan is None and ctx.is_main:
+        checkpoint.check_project(cfg.project)
+    if ctx.enabled:
+        distributed.check_sync_bn(cfg.sync_bn, device)
+    spec = get_spec(cfg.arch)
+    if cfg.img_size < spec.min_size:  # (a ViT's patch grid is fixed: it would fail inside its forward)
+        raise UsageError(f"--img-size {cfg.img_size}: {spec.name} takes images of at least {spec.min_size} px; "
+                         f"use --img-size {spec.min_size} or another --arch")
+    return dataclasses.replace(cfg, arch=spec.name), plan
+
+
+def _epoch_reporters(cfg: TrainConfig, run_dir: Path, classes: list[str]) -> list[EpochReporter]:
+    """What publishes each finished epoch: metrics.csv always, TensorBoard when asked for."""
+    reporters: list[EpochReporter] = [MetricsCsv(run_dir / "metrics.csv")]
+    if cfg.tensorboard:
+        reporters.append(TensorBoardLog(run_dir, classes))
+    return reporters
 
 
 def _found_lr(cfg: TrainConfig, splits: DatasetSplits, ctx: DistContext, reporter: Reporter) -> TrainConfig:
