@@ -53,3 +53,12 @@ def test_an_image_size_the_architecture_cannot_take_is_refused_before_the_data_i
     assert result.exit_code == 2, result.output
     assert "vit_b_16 takes images of at least 224 px" in result.output and "--img-size 224" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv", [["train", "--data-path", ""], ["train", "--data="], ["eval", "--weights", " "],
+                                  ["predict", "x.jpg", "--weights", ""]])
+def test_an_empty_path_is_a_usage_error_not_the_current_folder(runner, argv):
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and "is empty (an unset shell variable?)" in line, result.stderr

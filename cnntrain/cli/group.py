@@ -6,7 +6,8 @@ changes three things about how it does so, for every command at once:
 - the tutorials' spelling of an on/off option, ``--freeze-layers False`` or ``--amp=true``,
   means what it says instead of an "unexpected extra argument";
 - a usage error, Typer's own included, is one line on stderr and exit code 2, as every other
-  cnntrain error is, instead of a boxed block;
+  cnntrain error is, instead of a boxed block; an empty path (an unset shell variable) is one,
+  where Python would read it as the current folder;
 - the help shows no type for on/off options (``<bool>``) and arguments by their names.
 """
 
@@ -66,6 +67,27 @@ def spell_flags(command: Any, args: Sequence[str]) -> list[str]:
     return out
 
 
+def _is_path(param: Any) -> bool:
+    import pathlib
+
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    return isinstance(annotation, type) and issubclass(annotation, pathlib.PurePath)
+
+
+def empty_path(command: Any, args: Sequence[str]) -> str | None:
+    """The first path option given an empty value (``--data-path "$DATA_DIR"`` with the variable
+    unset), which would otherwise mean the current folder; None when there is none."""
+    paths = {o for p in command.params if isinstance(p, TyperOption) and _is_path(p) for o in p.opts}
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        name, eq, attached = arg.partition("=")
+        value = attached if eq else (args[i + 1] if i + 1 < len(args) else None)
+        if name in paths and value is not None and not value.strip():
+            return name
+    return None
+
+
 def _subcommand(group: TyperGroup, args: Sequence[str]) -> Any:
     name = next((a for a in args if not a.startswith("-")), None)
     return group.commands.get(name) if name else None
@@ -117,13 +139,16 @@ class CnnTrainGroup(TyperGroup):
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
-        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
         args = list(sys.argv[1:] if args is None else args)
         command = _subcommand(self, args)
-        if command is not None:
-            args = spell_flags(command, args)
         try:
+            if command is not None:
+                args = spell_flags(command, args)
+                if (empty := empty_path(command, args)) is not None:
+                    raise UsageError(f"{empty} is empty (an unset shell variable?); give a path, or leave the option "
+                                     "out for its default")
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except NoArgsIsHelpError as exc:  # the help is already printed
             if not standalone_mode:
