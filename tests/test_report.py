@@ -41,6 +41,7 @@ def test_every_run_writes_a_self_contained_report(run):
     assert page.count("<img src=\"data:image/png;base64,") >= 2  # learning curves, confusion matrix
     for row in summary["per_class"]:
         assert f"<td>{row['class']}</td>" in page
+    assert summary["train_val_leaks"] == 0 and "no validation image is a copy of a training image" in page
 
 
 @pytest.mark.integration
@@ -71,6 +72,11 @@ def test_summary_keys_of_later_features_appear_without_changes(tmp_path):
     page = build_report(tmp_path)
     assert 'data-key="ece_after" data-value="0.0312345">0.0312<' in page
     assert "<h2>most confused</h2>" in page and "<td>dog</td>" in page and "1.7000" in page
+    assert "not recorded (a run made before the check)" in page
+    summary.update(train_val_leaks=1, train_val_leak_pairs=[{"train": "a/cat/1.jpg", "val": "a/cat/1 copy.jpg"}])
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    page = build_report(tmp_path)
+    assert "validation image(s) are exact copies of training images" in page and "<td>a/cat/1 copy.jpg</td>" in page
 
 
 CHECK_PAGE = """() => {

@@ -28,7 +28,7 @@ REPORT_NAME = "report.html"
 HEADLINE = [("best_val_acc", "top-1"), ("best_val_balanced_acc", "balanced accuracy"),
             ("best_val_macro_f1", "macro-F1"), ("best_val_top5", "top-5")]
 #: Lists and mappings of summary.json with a section of their own (or none: "files").
-OWN_SECTION = {"per_class", "classes", "files", "confusion_matrix"}
+OWN_SECTION = {"per_class", "classes", "files", "confusion_matrix", "train_val_leak_pairs"}
 STYLE = """
 body{font:15px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1100px;padding:1.5em;
 color:#1d2330;background:#fff}
@@ -133,8 +133,26 @@ def _data(run: RunRecord) -> str:
     if not s:
         return ""
     rows = [[_esc("data"), _esc(s.get("data", "—"))], [_esc("classes"), _esc(f"{len(classes)}: " + ", ".join(
-        str(c) for c in classes[:40]) + (" ..." if len(classes) > 40 else ""))]]
-    return "<h2>Data</h2>" + _table(["", ""], rows)
+        str(c) for c in classes[:40]) + (" ..." if len(classes) > 40 else ""))],
+            [_esc("images"), _esc(f"{s.get('train_images', '?')} train, {s.get('val_images', '?')} validation")],
+            [_esc("data check"), _leak_text(s)]]
+    pairs = s.get("train_val_leak_pairs") or []
+    listed = _table(["training image", "its copy in validation"], [[_esc(p.get("train")), _esc(p.get("val"))]
+                                                                    for p in pairs]) if pairs else ""
+    return "<h2>Data</h2>" + _table(["", ""], rows) + listed
+
+
+def _leak_text(s: dict[str, Any]) -> str:
+    """What training's check for train/val leakage found (exact copies; check-data finds near ones)."""
+    if "train_val_leaks" not in s:
+        return "<span class=\"missing\">not recorded (a run made before the check)</span>"
+    count = s["train_val_leaks"]
+    if not count:
+        return (f"no validation image is a copy of a training image ({_number('train_val_leaks', count)} leaks; "
+                "<code>cnntrain check-data</code> also looks for near copies and duplicates)")
+    return (f"<span class=\"missing\">{_number('train_val_leaks', count)} validation image(s) are exact copies of "
+            "training images</span>: the validation score is inflated; <code>cnntrain check-data</code> lists "
+            "every pair, near copies too")
 
 
 def _pictures(run: RunRecord) -> str:

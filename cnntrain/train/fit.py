@@ -50,7 +50,7 @@ from cnntrain.analysis.answers import AnswerCollector
 from cnntrain.analysis.run_end import RunAnalysis, analyse_best, without_validation
 from cnntrain.config import TrainConfig, save_yaml
 from cnntrain.data import DatasetSplits
-from cnntrain.datacheck.findings import leak_line
+from cnntrain.datacheck.findings import exact_leaks, leak_line
 from cnntrain.engine import EvalResult, evaluate, sync_every_for
 from cnntrain.errors import CnnTrainError, DataError, UsageError, first_line
 from cnntrain.models import freeze_backbone, get_spec
@@ -120,8 +120,7 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     if plan is not None:
         plan.check_classes(splits.classes)
     reporter.info(splits.summary())
-    if ctx.is_main and (leak := leak_line(splits)):  # before the first epoch: the val score it inflates
-        reporter.always(leak)
+    leaks = _leaks(splits, reporter) if ctx.is_main else None
     counts = class_counts([label for _, label in splits.train], splits.num_classes)
     _say(reporter, imbalance_line(counts, splits.classes))
     run = build_run_model(cfg.arch, splits.num_classes, pretrained=cfg.pretrained, weights=cfg.weights,
@@ -171,7 +170,8 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
         raise
     result = TrainResult(run_dir=run_dir, best_epoch=state.best_epoch, best_metric=state.best_metric,
                          monitor=state.monitor, epochs_run=len(state.history), seconds=time.perf_counter() - started,
-                         stopped_early=stopped_early, history=state.history, best_is_ema=state.best_is_ema)
+                         stopped_early=stopped_early, history=state.history, best_is_ema=state.best_is_ema,
+                         leaks=leaks)
     best_val, analysis = _score_best(checkpointer, run, phases.best_scorer(), objective.val_criterion, splits,
                                      cfg.img_size, ctx, reporter)
     result.best_scores = best_val.confusion.scores() if best_val is not None else None
@@ -198,6 +198,16 @@ def _checked(cfg: TrainConfig, plan: ResumePlan | None, ctx: DistContext, device
         raise UsageError(f"--img-size {cfg.img_size}: {spec.name} takes images of at least {spec.min_size} px; "
                          f"use --img-size {spec.min_size} or another --arch")
     return dataclasses.replace(cfg, arch=spec.name), plan
+
+
+def _leaks(splits: DatasetSplits, reporter: Reporter) -> list[tuple[str, str]]:
+    """Validation images that are byte copies of training images: said before the first epoch,
+    since they inflate the validation score, and kept for summary.json and the report."""
+    line = leak_line(splits)
+    if line is None:
+        return []
+    reporter.always(line)
+    return [(str(m.a.path), str(m.b.path)) for m in exact_leaks(splits)]  # (the hashes are cached by now)
 
 
 def _epoch_reporters(cfg: TrainConfig, run_dir: Path, classes: list[str]) -> list[EpochReporter]:

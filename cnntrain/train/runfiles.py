@@ -23,6 +23,7 @@ from cnntrain.train.state import TrainResult
 if TYPE_CHECKING:
     from cnntrain.analysis.run_end import RunAnalysis
 
+LEAK_PAIRS = 50  # train/val leak pairs listed in summary.json (all are counted); check-data lists them all
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "seconds",
                   "images_per_s", "val_loss_ema", "val_acc_ema"]  # the last two: with --ema only
 
@@ -102,6 +103,9 @@ def finish(result: TrainResult, best_val: EvalResult | None, splits: DatasetSpli
         "files": sorted({p.name for p in run_dir.iterdir() if not p.name.startswith(".")}
                         | {"summary.json", REPORT_NAME}),
     }
+    if result.leaks is not None:  # checked before the first epoch: byte copies of training images in val
+        summary["train_val_leaks"] = len({val for _, val in result.leaks})
+        summary["train_val_leak_pairs"] = [{"train": a, "val": b} for a, b in result.leaks[:LEAK_PAIRS]]
     if best_val is not None:  # the report's per-class table, and scripts', without loading best.pt
         summary["per_class"] = classification_report(best_val.confusion, splits.classes)
         summary["confusion_matrix"] = best_val.confusion.matrix.tolist()

@@ -33,6 +33,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_scores: dict[str, float] | None = None  # the best weights' acc, balanced_acc, macro_f1 on val
     best_is_ema: bool = False  # best.pt holds the average of the weights (--ema)
+    # (train, val) paths of validation images that are exact copies of training images (checked by rank 0)
+    leaks: list[tuple[str, str]] | None = None
 
 
 @dataclass
