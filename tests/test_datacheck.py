@@ -110,14 +110,43 @@ def test_check_data_finds_every_planted_copy_and_no_other_pair(planted):
 
 
 def test_unrelated_images_are_far_apart_and_the_threshold_sits_between(planted):
-    """The margin behind the default: the closest unrelated pair against the farthest planted copy."""
+    """The margins behind the defaults, on the hashes alone: the farthest planted copy against the
+    closest unrelated pair, in bits and in colour."""
     root, expected, _ = planted
-    result = check_data(load_folder(root), near_threshold=127)
+    splits = load_folder(root)
+    paths = [p for p, _ in splits.train + splits.val]
+    hashes = hashing.hash_files(paths, pictures=True)
+    paths = [p for p in paths if p in hashes.pictures]  # broken.jpg is not
+    shown = [hashes.pictures[p] for p in paths]
+    pairs = near_pairs(findings.signatures(shown), 127)  # every pair, with its distance
+    colours = findings.colour_distances(shown, pairs)
     near_planted = {p for p, kind in expected if kind == "near"}
-    planted_far = max(m.distance for m in result.matches if frozenset({m.a.path, m.b.path}) in near_planted)
-    unrelated_close = min(m.distance for m in result.matches
-                          if not m.exact and frozenset({m.a.path, m.b.path}) not in near_planted)
-    assert planted_far <= NEAR_THRESHOLD < unrelated_close
+    bits = {frozenset({paths[i], paths[j]}): (d, c) for (i, j, d), c in zip(pairs, colours)}
+    planted_far = max(bits[p][0] for p in near_planted)
+    planted_colour = max(bits[p][1] for p in near_planted)
+    exact = {p for p, kind in expected if kind == "exact"}
+    unrelated = [v for p, v in bits.items() if p not in near_planted | exact and v[0] > 0]
+    assert planted_far <= NEAR_THRESHOLD < min(d for d, _ in unrelated)
+    assert planted_colour <= findings.COLOUR_LIMIT
+
+
+def test_the_same_shapes_in_other_colours_are_not_near_duplicates(tmp_path):
+    """Perceptual hashes see grey only: a red and a blue print of one pattern hash alike, and the
+    colour thumbnails keep them apart (a shape at the same place in another colour is another picture)."""
+    grey = np.asarray(textured(7).convert("L"), dtype=np.float64)
+    for split, name, weights in (("train", "cat", (1, 0.3, 0.3)), ("val", "dog", (0.3, 0.3, 1))):
+        folder = tmp_path / "d" / split / name
+        folder.mkdir(parents=True)
+        Image.fromarray(np.stack([grey * w for w in weights], axis=-1).astype(np.uint8)).save(folder / "x.png")
+        other = tmp_path / "d" / split / ("dog" if name == "cat" else "cat")  # both splits need both classes
+        other.mkdir()
+        textured(8 if split == "train" else 9).save(other / "y.png")
+    splits = load_folder(tmp_path / "d")
+    pictures = hashing.hash_files([p for p, _ in splits.train + splits.val], pictures=True).pictures
+    red, blue = pictures[str(tmp_path / "d/train/cat/x.png")], pictures[str(tmp_path / "d/val/dog/x.png")]
+    [(_, _, bits)] = near_pairs(findings.signatures([red, blue]), 127)
+    assert bits <= NEAR_THRESHOLD and findings.colour_distances([red, blue], [(0, 1, bits)])[0] > 40
+    assert check_data(splits).matches == []
 
 
 def test_near_pairs_are_every_pair_within_the_threshold():
@@ -151,7 +180,9 @@ def test_leak_line_counts_validation_copies_of_training_images(planted, tmp_path
     line = leak_line(load_folder(root))
     assert line is not None and "\n" not in line
     assert line.startswith("warning: 1 of 12 validation images are exact copies of training images")
-    assert [m.b.path for m in exact_leaks(load_folder(root))] == [str(root / "val/fox/f0_leak.jpg")]
+    leaks = exact_leaks(load_folder(root))
+    assert [m.b.path for m in leaks] == [str(root / "val/fox/f0_leak.jpg")]
+    assert leak_line(load_folder(root), leaks) == line  # what train passes when it keeps the pairs too
     clean = make_split_folder(tmp_path / "clean", train=2, val=1, seed=1)
     assert leak_line(load_folder(clean)) is None
     assert leak_line(load_folder(clean / "train", val_split=0)) is None  # no validation split: nothing leaks

@@ -89,7 +89,7 @@ def _ref(ref: ImageRef, root: str) -> str:
 
 def _match_table(title: str, matches: Sequence[Match], root: str, limit: int) -> Table:
     shown = f", first {limit}" if len(matches) > limit else ""
-    table = Table(title=f"{title} ({len(matches):,} pairs{shown})")
+    table = Table(title=f"{title} ({len(matches):,} pair{'s' if len(matches) != 1 else ''}{shown})")
     for column in ("kind", "bits", "image", "same picture"):
         table.add_column(column, justify="right" if column == "bits" else "left", overflow="fold")
     for m in matches[:limit]:
@@ -112,10 +112,9 @@ def verdict(check: DataCheck) -> str:
     if not check.found:
         near = "" if check.near_threshold is not None else " (exact duplicates only)"
         return f"nothing found{near} in {sum(s.images for s in check.splits):,} images ({check.seconds:.1f}s)"
-    parts = [f"{n:,} {what}" for n, what in ((len(check.unreadable), "unreadable"),
-                                             (len(check.duplicates), "duplicate pairs"),
-                                             (len(check.leaks), "train/val leaks"),
-                                             (len(check.conflicts), "label conflicts")) if n]
+    parts = [f"{n:,} {what}{'s' if n != 1 and what != 'unreadable' else ''}"
+             for n, what in ((len(check.unreadable), "unreadable"), (len(check.duplicates), "duplicate pair"),
+                             (len(check.leaks), "train/val leak"), (len(check.conflicts), "label conflict")) if n]
     return f"found {', '.join(parts)} ({check.seconds:.1f}s)"
 
 
