@@ -179,7 +179,7 @@ def test_leak_line_counts_validation_copies_of_training_images(planted, tmp_path
     root, _, _ = planted
     line = leak_line(load_folder(root))
     assert line is not None and "\n" not in line
-    assert line.startswith("warning: 1 of 12 validation images are exact copies of training images")
+    assert line.startswith("warning: 1 of 12 validation images is an exact copy of a training image (train/val")
     leaks = exact_leaks(load_folder(root))
     assert [m.b.path for m in leaks] == [str(root / "val/fox/f0_leak.jpg")]
     assert leak_line(load_folder(root), leaks) == line  # what train passes when it keeps the pairs too
@@ -205,7 +205,7 @@ def test_train_warns_about_the_leak_before_building_the_model(planted, tmp_path,
     cfg = TrainConfig(data_path=str(planted[0]), arch="resnet18", pretrained=False, project=str(tmp_path / "runs"))
     with pytest.raises(Stop):
         fit_module.fit(cfg, reporter=Reporter(quiet=True, stream=stream))
-    leaks = [line for line in stream.getvalue().splitlines() if "exact copies of training images" in line]
+    leaks = [line for line in stream.getvalue().splitlines() if "train/val leakage" in line]
     assert leaks == [leak_line(load_folder(planted[0]))]  # shown even with --quiet, once
 
 

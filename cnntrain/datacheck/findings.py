@@ -333,7 +333,7 @@ def leak_line(splits: DatasetSplits, leaks: Sequence[Match] | None = None) -> st
     if not leaks:
         return None
     copies = len({m.b.path for m in leaks})
-    return (f"warning: {copies:,} of {len(splits.val):,} validation images are exact copies of training images "
-            "(train/val leakage inflates val accuracy); `cnntrain check-data` with the same data options lists "
-            "them")
+    are = "is an exact copy of a training image" if copies == 1 else "are exact copies of training images"
+    return (f"warning: {copies:,} of {len(splits.val):,} validation images {are} (train/val leakage inflates val "
+            "accuracy); `cnntrain check-data` with the same data options lists them")
 
