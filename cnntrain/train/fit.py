@@ -203,11 +203,11 @@ def _checked(cfg: TrainConfig, plan: ResumePlan | None, ctx: DistContext, device
 def _leaks(splits: DatasetSplits, reporter: Reporter) -> list[tuple[str, str]]:
     """Validation images that are byte copies of training images: said before the first epoch,
     since they inflate the validation score, and kept for summary.json and the report."""
-    line = leak_line(splits)
-    if line is None:
-        return []
-    reporter.always(line)
-    return [(str(m.a.path), str(m.b.path)) for m in exact_leaks(splits)]  # (the hashes are cached by now)
+    leaks = exact_leaks(splits)
+    line = leak_line(splits, leaks)
+    if line is not None:
+        reporter.always(line)
+    return [(str(m.a.path), str(m.b.path)) for m in leaks]
 
 
 def _epoch_reporters(cfg: TrainConfig, run_dir: Path, classes: list[str]) -> list[EpochReporter]:
