@@ -138,6 +138,8 @@ def generate_shapes(
         (tmp / _MARKER).write_text(marker)
         if not dest.exists():
             return publish_dir(tmp, dest)
+        if _marker_matches(dest, marker):  # another run drew the same while this one did: keep theirs,
+            return dest  # rather than swap it out from under a run that may be reading it
         # A stale copy (older design or other arguments): move it aside, swap the new one in.
         stale = Path(tempfile.mkdtemp(prefix=f".{dest.name}.stale-", dir=dest.parent))
         try:
