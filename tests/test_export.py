@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_line_error
 from typer.testing import CliRunner
 
 from cnntrain import checkpoint, export, exported
@@ -33,11 +34,6 @@ def invoke(runner: CliRunner, *args: str, code: int = 0):
     assert result.exit_code == code, result.output
     return result
 
-
-def one_line_error(result) -> str:
-    text = result.stderr.strip()
-    assert text.startswith("error:") and "\n" not in text, text
-    return text
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from cli_helpers import invoke, one_line_error
 
 from cnntrain import int8
-from cnntrain.cli import app
 
 pytestmark = pytest.mark.integration  # a CLI training, the real quantizer and onnxruntime
 
@@ -23,16 +22,6 @@ TINY = ["--arch", "resnet18", "--no-pretrained", "--img-size", "32", "--batch-si
         "--device", "cpu", "--val-split", "0.25", "--epochs", "1", "--quiet"]
 
 
-def invoke(*args: str, code: int = 0):
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == code, result.output
-    return result
-
-
-def one_line_error(result) -> str:
-    text = result.stderr.strip()
-    assert text.startswith("error:") and "\n" not in text, text
-    return text
 
 
 @pytest.fixture(scope="module")

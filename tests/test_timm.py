@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from cli_helpers import invoke, one_line_error
 
 from cnntrain import checkpoint
-from cnntrain.cli import app
 from cnntrain.errors import MissingDependencyError, UsageError, WeightsError
 from cnntrain.models import build_model, get_spec, normalisation
 from cnntrain.models.heads import freeze_backbone, is_head
@@ -44,16 +43,6 @@ def offline_hub(tmp_path_factory, monkeypatch) -> Path:
     return hub
 
 
-def invoke(*args: str, code: int = 0):
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == code, result.output
-    return result
-
-
-def one_line_error(result) -> str:
-    text = result.stderr.strip()
-    assert text.startswith("error:") and "\n" not in text and "Traceback" not in result.output, result.output
-    return text
 
 
 # ------------------------------------------------------------------------------- families
