@@ -42,6 +42,7 @@ class TrainConfig:
     # data
     data_path: str | None = None
     dataset: str | None = None
+    labels: str | None = None  # a CSV of path,label[,split]; its paths are relative to it, or to data_path
     val_split: float = 0.1
     img_size: int = 224
     aug: list[str] = field(default_factory=list)
@@ -117,6 +118,9 @@ class TrainConfig:
         checks = [
             (not 0 <= self.seed <= SEED_MAX, f"--seed must be between 0 and {SEED_MAX} (2**32 - 1)"),
             (self.data_path is not None and self.dataset is not None, "give --data-path or --dataset, not both"),
+            (self.labels is not None and self.dataset is not None,
+             "--labels lists your own images: give it with --data-path DIR or alone, not with --dataset"),
+            (self.labels is not None and not self.labels.strip(), "--labels needs a CSV file of path,label rows"),
             (self.dataset is not None and not self.dataset.strip(),
              "--dataset needs a name, e.g. shapes (an empty one is not the default)"),
             (self.epochs < 1, "--epochs must be at least 1"),
@@ -211,7 +215,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def dataset_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
     """The defaults of the built-in dataset ``values`` train on (``shapes`` when no data is named)."""
-    dataset = values.get("dataset") or (None if values.get("data_path") else "shapes")
+    dataset = values.get("dataset") or (None if values.get("data_path") or values.get("labels") else "shapes")
     return dict(DATASET_DEFAULTS.get(dataset or "", {}))
 
 
@@ -246,8 +250,8 @@ def build_config(file_values: Mapping[str, Any] | None = None, overrides: Mappin
                  source: str = "config") -> TrainConfig:
     """Defaults < file values < overrides (only options given on the command line).
 
-    ``data_path`` and ``dataset`` are one choice, the data: either one given on the command line
-    replaces both of the file's (a recipe naming ``dataset: flowers`` runs on ``--data-path DIR``).
+    ``data_path``, ``labels`` and ``dataset`` are one choice, the data: any of them given on the command line
+    replaces all three of the file's (a recipe naming ``dataset: flowers`` runs on ``--data-path DIR``).
     Both in one layer is still an error. Beneath both lie the built-in dataset's own defaults
     (``DATASET_DEFAULTS``)."""
     file_values, overrides = dict(file_values or {}), dict(overrides or {})
@@ -282,7 +286,7 @@ def build_config(file_values: Mapping[str, Any] | None = None, overrides: Mappin
 
 #: Options that also take ``auto``: the run measures the value first and saves the number.
 AUTO_KEYS = {"lr": "lr_auto", "batch_size": "batch_size_auto"}
-_DATA_KEYS = ("data_path", "dataset")  # where the images come from: one choice, whichever layer makes it
+_DATA_KEYS = ("data_path", "dataset", "labels")  # where the images come from: one choice, whichever layer makes it
 _LISTS: dict[str, type] = {"aug": str, "milestones": int, "crop_scale": float, "crop_ratio": float}  # a,b on the CLI
 _TYPES = typing.get_type_hints(TrainConfig)
 

@@ -25,8 +25,7 @@ from cnntrain.data import (
     ImageDataset,
     default_workers,
     eval_transform,
-    load_builtin,
-    load_folder,
+    load_data,
     make_loader,
     scan_samples,
 )
@@ -36,41 +35,55 @@ from cnntrain.metrics import classification_report
 from cnntrain.runtime import resolve_device
 
 
-def data_of(ckpt: dict[str, Any], weights: str | Path, data_path: str | Path | None, dataset: str | None,
-            log: Callable[[str], None] = lambda s: None) -> tuple[str | Path | None, str | None]:
+@dataclasses.dataclass(frozen=True)
+class DataChoice:
+    """Where the images to score come from: the arguments of :func:`cnntrain.data.load_data`."""
+
+    data_path: str | Path | None = None
+    dataset: str | None = None
+    labels: str | Path | None = None
+
+
+def data_of(ckpt: dict[str, Any], weights: str | Path, given: DataChoice,
+            log: Callable[[str], None] = lambda s: None) -> DataChoice:
     """The data to score: as given, else the data the checkpoint was trained on (when it is still there)."""
-    if data_path is not None and dataset is not None:
+    if given.data_path is not None and given.dataset is not None:
         raise UsageError("give --data-path DIR or --dataset NAME, not both")
-    if data_path is not None or dataset is not None:
-        return data_path, dataset
+    if given.labels is not None and given.dataset is not None:
+        raise UsageError("--labels lists your own images: give it with --data-path DIR or alone, not with --dataset")
+    if given != DataChoice():
+        return given
     config = ckpt.get("config")
     if not config:
         raise UsageError(f"{weights} does not say what it was trained on; give --data-path DIR or --dataset NAME")
+    if config.get("labels"):
+        labels = Path(config["labels"])
+        if not labels.is_file():
+            raise UsageError(f"no --labels given, and {labels}, the label file {weights} was trained on, is not "
+                             "there any more; give --labels FILE.csv, --data-path DIR or --dataset NAME")
+        log(f"no --labels given: scoring on {labels}, the label file {weights} was trained on")
+        return DataChoice(config.get("data_path"), None, labels)
     if config.get("data_path"):
         trained_on = Path(config["data_path"])
         if not trained_on.is_dir():
             raise UsageError(f"no --data-path given, and {trained_on}, which {weights} was trained on, is not there "
                              "any more; give --data-path DIR or --dataset NAME")
         log(f"no --data-path given: scoring on {trained_on}, the data {weights} was trained on")
-        return trained_on, None
+        return DataChoice(trained_on)
     name = config.get("dataset") or "shapes"  # training's own default
     log(f"no --dataset given: scoring on the built-in dataset {name}, which {weights} was trained on")
-    return None, name
+    return DataChoice(dataset=name)
 
 
-def checkpoint_splits(ckpt: dict[str, Any], weights: str | Path, data_path: str | Path | None, dataset: str | None,
+def checkpoint_splits(ckpt: dict[str, Any], weights: str | Path, given: DataChoice,
                       log: Callable[[str], None] = lambda s: None) -> DatasetSplits:
     """The splits of :func:`data_of`'s data, cut with the checkpoint's own val_split and seed (so "val"
     is what its training held out) and labelled with the checkpoint's class indices, by name.
     eval scores on them; ``export --int8`` calibrates on the train split and checks on val."""
-    data_path, dataset = data_of(ckpt, weights, data_path, dataset, log)
+    data = data_of(ckpt, weights, given, log)
     seed = int((ckpt.get("config") or {}).get("seed", 0))
     val_split = float((ckpt.get("config") or {}).get("val_split", 0.1))
-    if data_path is not None:
-        splits = load_folder(data_path, val_split=val_split, seed=seed)
-    else:
-        assert dataset is not None
-        splits = load_builtin(dataset, val_split=val_split, seed=seed)
+    splits = load_data(data.data_path, data.dataset, data.labels, val_split=val_split, seed=seed)
     to_ckpt = _label_map(splits.classes, list(ckpt["classes"]))
     return dataclasses.replace(splits, classes=list(ckpt["classes"]),
                                train=[(path, to_ckpt[label]) for path, label in splits.train],
@@ -78,12 +91,13 @@ def checkpoint_splits(ckpt: dict[str, Any], weights: str | Path, data_path: str 
 
 
 def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = None, dataset: str | None = None,
-                        split: str = "val", batch_size: int = 64, workers: int | None = None,
+                        labels: str | Path | None = None, split: str = "val", batch_size: int = 64,
+                        workers: int | None = None,
                         device: str = "auto", plot: str | Path | None = None, tta: bool = False,
                         errors: str | Path | None = None, top_losses: str | Path | None = None,
                         reliability: str | Path | None = None, calibration: bool = True, explain: bool = False,
                         log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Score ``weights`` on a split of ``data_path`` or ``dataset`` (neither: the checkpoint's own data).
+    """Score ``weights`` on a split of ``data_path``, ``labels`` or ``dataset`` (none: the checkpoint's own data).
 
     ``tta`` adds a ``"tta"`` entry: the headline figures once more with test-time augmentation
     (:mod:`cnntrain.tta`), from the same pass, beside the plain ones it leaves untouched.
@@ -103,7 +117,7 @@ def evaluate_checkpoint(weights: str | Path, *, data_path: str | Path | None = N
     if explain and top_losses is None:
         raise UsageError("--explain draws Grad-CAM over the top-loss grid: give --top-losses FILE.png too")
     ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
-    splits = checkpoint_splits(ckpt, weights, data_path, dataset, log)
+    splits = checkpoint_splits(ckpt, weights, DataChoice(data_path, dataset, labels), log)
     classes: list[str] = list(ckpt["classes"])
     samples = {"val": splits.val, "train": splits.train, "all": splits.train + splits.val}[split]
     scan = scan_samples(samples)

@@ -266,7 +266,7 @@ def export_int8(weights: str | Path, output: str | Path | None = None, *, calib_
                 dynamic_batch: bool = False, opset: int | None = None, log: Log = lambda s: None) -> Any:
     """Export ``weights`` as a verified int8 ONNX model; returns an ExportResult with ``int8`` set."""
     from cnntrain import checkpoint, export
-    from cnntrain.evaluation import checkpoint_splits
+    from cnntrain.evaluation import DataChoice, checkpoint_splits
     from cnntrain.exported import open_exported, sidecar_path
 
     check_int8_request("onnx", calib_images, accept_drop, True)
@@ -275,7 +275,7 @@ def export_int8(weights: str | Path, output: str | Path | None = None, *, calib_
     output = Path(output) if output is not None else default_int8_output(weights)
     export.check_request("onnx", opset, output)
     ckpt = checkpoint.require_full(checkpoint.load(weights), weights)
-    splits = checkpoint_splits(ckpt, weights, data_path, None, log)
+    splits = checkpoint_splits(ckpt, weights, DataChoice(data_path), log)
     calib, check, split = _split_for_int8(splits, calib_images, int((ckpt.get("config") or {}).get("seed", 0)))
     img_size = int(ckpt["img_size"])
     start = time.perf_counter()

@@ -14,13 +14,14 @@ from rich.markup import escape
 
 from cnntrain.choices import CHECK_DATA_FORMATS
 from cnntrain.cli.app import check_choice, command, err, one_of, out
-from cnntrain.cli.training import BuiltinDataset, Data, DataPath, Output, Seed, ValSplit
+from cnntrain.cli.training import BuiltinDataset, Data, DataPath, Labels, Output, Seed, ValSplit
 from cnntrain.datacheck import NEAR_THRESHOLD
 
 
 @command("check-data", no_args_is_help=False)
 def check_data(
     data_path: DataPath = None,
+    labels: Labels = None,
     dataset: BuiltinDataset = None,
     val_split: ValSplit = None,
     seed: Seed = None,
@@ -35,17 +36,19 @@ def check_data(
     """Check a dataset as `cnntrain train` would split it: images per class, sizes, unreadable files, exact and near-duplicates, train/val leaks, label conflicts."""
     check_choice("--format", fmt, CHECK_DATA_FORMATS)
     from cnntrain.config import build_config, load_yaml
+    from cnntrain.data import load_data
     from cnntrain.datacheck import findings, report
     from cnntrain.datacheck.hashing import imagehash_version
 
     findings.check_threshold(near_threshold)
-    options = dict(data_path=str(data_path) if data_path else None, dataset=dataset, val_split=val_split, seed=seed)
+    options = dict(data_path=str(data_path) if data_path else None, labels=str(labels) if labels else None,
+                   dataset=dataset, val_split=val_split, seed=seed)
     cfg = build_config(load_yaml(config) if config else {}, {k: v for k, v in options.items() if v is not None},
                        source=str(config))
-    if not cfg.data_path and not cfg.dataset:
+    if not cfg.data_path and not cfg.dataset and not cfg.labels:
         err.print("no --data-path or --dataset given: checking the built-in offline dataset `shapes`, as "
                   "`cnntrain train` would train on it")
-    splits = findings.load_data(cfg.data_path, cfg.dataset, val_split=cfg.val_split, seed=cfg.seed)
+    splits = load_data(cfg.data_path, cfg.dataset, cfg.labels, val_split=cfg.val_split, seed=cfg.seed)
     if imagehash_version() is None:
         err.print(escape(report.NEAR_NOTICE))
     result = findings.check_data(splits, near_threshold=near_threshold, workers=workers,

@@ -92,6 +92,7 @@ def _print_prediction_table(rows: list[dict]) -> None:
 def eval_(
     weights: Annotated[Path | None, Opt(help="Checkpoint (default: best.pt of runs/latest).")] = None,
     data_path: Annotated[Path | None, Opt("--data-path", "--data", help="ImageFolder root (or train/ + val/) (default: the data the checkpoint was trained on).")] = None,
+    labels: Annotated[Path | None, Opt(help="CSV of path,label[,split] rows instead of class folders; paths relative to the CSV, or to --data-path DIR when given (default: the checkpoint's own label file, if it was trained on one).")] = None,
     dataset: Annotated[str | None, Opt(help="Built-in dataset: shapes, flowers, cifar10, cifar100.")] = None,
     split: Annotated[str, Opt(help=f"{one_of(EVAL_SPLITS)}.")] = "val",
     fmt: Annotated[str, Opt("--format", help=f"{one_of(EVAL_FORMATS)}.")] = "table",
@@ -115,7 +116,7 @@ def eval_(
     if batch_size < 1:  # before the checkpoint and the data are read
         raise UsageError("--batch-size must be at least 1")
     report = evaluate_checkpoint(_weights_or_latest(weights, project), data_path=data_path, dataset=dataset,
-                                 split=split, batch_size=batch_size, workers=workers, device=device, plot=plot,
+                                 labels=labels, split=split, batch_size=batch_size, workers=workers, device=device, plot=plot,
                                  tta=tta, errors=errors, top_losses=top_losses, reliability=reliability,
                                  calibration=calibration, explain=explain, log=lambda s: err.print(escape(s)))
     if fmt == "json":

@@ -38,6 +38,7 @@ _AUGS = ", ".join(a for a in AUGMENTATIONS if a != "none")
 
 # Options train and lr-find share (lr-find measures the loss the training it is for will see).
 DataPath = Annotated[Path | None, Data("--data-path", "--data", help="ImageFolder root: one sub-folder per class (or train/ + val/).")]
+Labels = Annotated[Path | None, Data(help="CSV of path,label rows (optional third column split: train, val or test) instead of class folders; paths relative to the CSV's folder, or to --data-path DIR when given.")]
 ImgSize = Annotated[int | None, Data(help=f"Training crop size {default('img_size')}.")]
 Workers = Annotated[int | None, Data(help=f"DataLoader worker processes {default('workers', 'min(8, CPUs)')}.")]
 Arch = Annotated[str | None, Model(help=f"Architecture name (see `cnntrain models`) {default('arch')}.")]
@@ -63,6 +64,7 @@ ColorJitter = Annotated[float | None, Data(help=f"Brightness, contrast and satur
 @command(no_args_is_help=False)
 def train(
     data_path: DataPath = None,
+    labels: Labels = None,
     dataset: Annotated[str | None, Data(help="Built-in dataset: shapes (offline; the default, trained from scratch at its own 64 px unless options say otherwise), flowers, cifar10, cifar100.")] = None,
     val_split: ValSplit = None,
     img_size: ImgSize = None,
@@ -169,6 +171,7 @@ def _print_train_summary(result: Any) -> None:
 @command("lr-find", no_args_is_help=False)
 def lr_find(
     data_path: DataPath = None,
+    labels: Labels = None,
     dataset: BuiltinDataset = None,
     img_size: ImgSize = None,
     aug_preset: AugPreset = None,
@@ -204,7 +207,7 @@ def lr_find(
     from cnntrain.plots import plot_lr_find
     from cnntrain.train import train_config
 
-    options = dict(data_path=data_path, dataset=dataset, img_size=img_size, aug_preset=aug_preset, hflip=hflip,
+    options = dict(data_path=data_path, labels=labels, dataset=dataset, img_size=img_size, aug_preset=aug_preset, hflip=hflip,
                    vflip=vflip, crop_scale=crop_scale, crop_ratio=crop_ratio, rotate=rotate, color_jitter=color_jitter,
                    workers=workers, arch=arch, pretrained=pretrained, weights=weights, freeze_layers=freeze_layers,
                    batch_size=batch_size, opt=opt, momentum=momentum, weight_decay=weight_decay, device=device,

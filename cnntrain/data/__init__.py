@@ -19,9 +19,11 @@ from cnntrain.data.datasets import (
 )
 from cnntrain.data.decode import ImageDecodeError
 from cnntrain.data.imagecache import ImageCache, build_image_cache
+from cnntrain.data.labelfile import load_label_file
 from cnntrain.data.loader import collate_skipping, default_workers, make_loader, seed_worker
 from cnntrain.data.scan import ScanResult, scan_samples
 from cnntrain.data.shapes import SHAPE_CLASSES, generate_shapes
+from cnntrain.data.source import load_data
 from cnntrain.data.transforms import (
     AUGMENTATIONS,
     IMAGENET_MEAN,
@@ -54,7 +56,9 @@ __all__ = [
     "extract_tar",
     "generate_shapes",
     "load_builtin",
+    "load_data",
     "load_folder",
+    "load_label_file",
     "make_loader",
     "scan_samples",
     "scan_classes",

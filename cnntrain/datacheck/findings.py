@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from cnntrain.data import DatasetSplits, load_builtin, load_folder, scan_samples
+from cnntrain.data import DatasetSplits, scan_samples
 from cnntrain.datacheck import NEAR_THRESHOLD
 from cnntrain.datacheck.hashing import FileHashes, Picture, hash_files
 from cnntrain.errors import UsageError
@@ -282,14 +282,6 @@ def check_threshold(threshold: int) -> int:
 def _refs(splits: DatasetSplits) -> list[ImageRef]:
     return [ImageRef(path, name, splits.classes[label])
             for name, samples in zip(SPLITS, (splits.train, splits.val)) for path, label in samples]
-
-
-def load_data(data_path: str | None, dataset: str | None, *, val_split: float, seed: int) -> DatasetSplits:
-    """The splits ``train`` would load from the same options, unreadable files still in them
-    (train's ``load_splits`` drops those; check-data lists them)."""
-    if data_path:
-        return load_folder(data_path, val_split=val_split, seed=seed)
-    return load_builtin(dataset or "shapes", val_split=val_split, seed=seed)
 
 
 def check_data(splits: DatasetSplits, *, near_threshold: int = NEAR_THRESHOLD, workers: int | None = None,

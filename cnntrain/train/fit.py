@@ -115,7 +115,7 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     _say(reporter, deterministic_note(device, cfg.deterministic))
     with ctx.main_first():  # rank 0 scans (and downloads); the others then read its caches
         splits = load_splits(cfg.data_path, cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict,
-                             info=reporter.info, warn=reporter.always, progress=reporter.interactive)
+                             labels=cfg.labels, info=reporter.info, warn=reporter.always, progress=reporter.interactive)
     check_trainable(splits)
     if plan is not None:
         plan.check_classes(splits.classes)

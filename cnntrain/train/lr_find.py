@@ -263,7 +263,7 @@ def lr_find_for_config(cfg: TrainConfig, *, start_lr: float = 1e-7, end_lr: floa
         arch = get_spec(cfg.arch).name
         if splits is None:
             splits = load_splits(cfg.data_path, cfg.dataset, val_split=cfg.val_split, seed=cfg.seed,
-                                 strict=cfg.strict, info=log, warn=warn)
+                                 strict=cfg.strict, labels=cfg.labels, info=log, warn=warn)
         check_trainable(splits)
         run = build_run_model(arch, splits.num_classes, pretrained=cfg.pretrained, weights=cfg.weights, resumed=None,
                               freeze_layers=cfg.freeze_layers, log=log, warn=warn)

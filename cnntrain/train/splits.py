@@ -1,4 +1,4 @@
-"""The run's data: a folder or a built-in dataset, split, with unreadable images left out."""
+"""The run's data: a folder, a label file or a built-in dataset, split, with unreadable images left out."""
 
 from __future__ import annotations
 
@@ -6,25 +6,23 @@ import dataclasses
 from collections.abc import Callable
 
 from cnntrain.config import DATASET_DEFAULTS, describe_defaults
-from cnntrain.data import DatasetSplits, load_builtin, load_folder, scan_samples
+from cnntrain.data import DatasetSplits, load_data, scan_samples
 from cnntrain.errors import DataError
 
 Log = Callable[[str], None]
 
 
 def load_splits(data_path: str | None, dataset: str | None, *, val_split: float, seed: int, strict: bool,
-                info: Log = lambda s: None, warn: Log = lambda s: None, progress: bool = False) -> DatasetSplits:
+                labels: str | None = None, info: Log = lambda s: None, warn: Log = lambda s: None,
+                progress: bool = False) -> DatasetSplits:
     """Train and val samples, every image decoded once first (cached) so one bad file cannot end a run.
 
     ``info`` gets what is being done, ``warn`` what went wrong but was survived (shown even with --quiet)."""
-    if data_path:
-        splits = load_folder(data_path, val_split=val_split, seed=seed)
-    else:
-        if dataset is None:
-            own = describe_defaults(DATASET_DEFAULTS["shapes"])
-            info("no --data-path or --dataset given: training on the built-in offline dataset `shapes`, "
-                 f"with its own defaults where no option says otherwise ({own})")
-        splits = load_builtin(dataset or "shapes", val_split=val_split, seed=seed)
+    if not data_path and not labels and dataset is None:
+        own = describe_defaults(DATASET_DEFAULTS["shapes"])
+        info("no --data-path or --dataset given: training on the built-in offline dataset `shapes`, "
+             f"with its own defaults where no option says otherwise ({own})")
+    splits = load_data(data_path or None, dataset, labels, val_split=val_split, seed=seed)
     return drop_unreadable(splits, strict, warn, progress)
 
 
