@@ -90,6 +90,29 @@ def test_training_state_round_trips_through_its_state_dict():
     torch.testing.assert_close(restored.optimizer.state_dict()["state"][0]["momentum_buffer"], buf)
 
 
+def test_quick_head_only_epochs_save_last_pt_every_few_seconds_and_every_best(tmp_path, monkeypatch):
+    """Head-only epochs on cached features take milliseconds: last.pt after the first, then only
+    once QUICK_SAVE_EVERY seconds have passed, and always at the end; best.pt at every improvement."""
+    from cnntrain import checkpoint
+    from cnntrain.train import checkpointer as module
+
+    clock = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    saved: list[str] = []
+    monkeypatch.setattr(checkpoint, "save", lambda path, payload: saved.append(f"{path.stem}@{payload['epoch']}"))
+    model = nn.Linear(3, 2)
+    state = _state(model)
+    describe = dict(arch="x", classes=["a", "b"], img_size=32, mean=[0.5] * 3, std=[0.5] * 3, config={})
+    saver = module.Checkpointer(tmp_path, describe, enabled=True, world_size=1)
+    for epoch in range(1, 9):
+        clock[0] += 1.0 if epoch != 6 else module.QUICK_SAVE_EVERY
+        saver.end_of_epoch(model, epoch, {}, state, improved=epoch in (1, 3), quick=True, ending=epoch == 8)
+    assert saved == ["best@1", "last@1", "best@3", "last@6", "last@8"]
+    saved.clear()
+    saver.end_of_epoch(model, 9, {}, state, improved=False)  # an epoch through the whole model: always
+    assert saved == ["last@9"]
+
+
 def test_early_stopping_counts_epochs_since_the_best_and_never_fires_on_the_last():
     state = _state(nn.Linear(3, 2), patience=2)
     assert math.isinf(state.best_metric)

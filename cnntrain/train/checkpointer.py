@@ -5,10 +5,18 @@ after the last epoch the temperature fitted on validation (``add_to_best``);
 last.pt adds the training state (``TrainingState.state_dict()``) and the number of processes,
 and, when a signal stopped the run mid-epoch, the running sums of that epoch. Under torchrun
 only rank 0 writes.
+
+last.pt follows every epoch, except while only the head trains on cached features: those
+epochs take milliseconds, and writing (and fsyncing) the whole model after each cost more than
+the training. There it is written at most every :data:`QUICK_SAVE_EVERY` seconds, and always
+after the first epoch of a session, the last one, and one a stop request or early stopping
+ends the run on; best.pt is still written whenever an epoch improves. A killed run therefore
+loses at most those few seconds of head training, and resumes from the epoch it saved.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +25,9 @@ import torch.nn as nn
 from cnntrain import checkpoint
 from cnntrain.train.state import TrainingState
 
+#: Seconds between two last.pt saves while epochs are quick (the head on cached features).
+QUICK_SAVE_EVERY = 5.0
+
 
 class Checkpointer:
     def __init__(self, run_dir: Path, describe: dict[str, Any], *, enabled: bool, world_size: int) -> None:
@@ -24,6 +35,7 @@ class Checkpointer:
         self.describe = describe  # arch, classes, img_size, mean, std, config
         self.enabled = enabled
         self.world_size = world_size
+        self._last_saved: float | None = None  # time.monotonic() of this session's latest last.pt
 
     @property
     def last(self) -> Path:
@@ -34,15 +46,18 @@ class Checkpointer:
         return self.run_dir / "best.pt"
 
     def end_of_epoch(self, model: nn.Module, epoch: int, metrics: dict[str, Any], state: TrainingState,
-                     improved: bool) -> None:
-        """best.pt when the epoch improved the monitored metric, then last.pt, always."""
+                     improved: bool, *, ending: bool = False, quick: bool = False) -> None:
+        """best.pt when the epoch improved the monitored metric, then last.pt: always, unless the
+        epoch was ``quick`` (head only) and the last save is recent; ``ending``: the run stops now."""
         if not self.enabled:
             return
         if improved:  # the weights that scored best: the model's own, or their average (--ema)
             checkpoint.save(self.best, checkpoint.make_checkpoint(
                 state.best_weights(model), epoch=epoch, metrics=metrics, **self.describe,
                 weights_averaged=state.best_is_ema))
-        self._save_last(model, epoch, metrics, state)
+        recent = self._last_saved is not None and time.monotonic() - self._last_saved < QUICK_SAVE_EVERY
+        if ending or not (quick and recent):
+            self._save_last(model, epoch, metrics, state)
 
     def add_to_best(self, saved: dict[str, Any], **fields: Any) -> None:
         """best.pt once more: ``saved`` (what it holds, as just loaded) plus ``fields``, learnt
@@ -61,3 +76,4 @@ class Checkpointer:
         checkpoint.save(self.last, checkpoint.make_checkpoint(
             model, epoch=epoch, metrics=metrics, **self.describe, **state.state_dict(),
             world_size=self.world_size, **extra))
+        self._last_saved = time.monotonic()

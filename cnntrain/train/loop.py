@@ -77,12 +77,14 @@ class EpochLoop:
             if self.ctx.is_main:
                 for reporter in self.reporters:
                     reporter.epoch_end(row, self.state.history, val)
+            stopping, early = self.ctx.any(bool(self.stop)), self.state.should_stop_early(shown, self.epochs)
             self.checkpointer.end_of_epoch(self.model, shown, {k: v for k, v in row.items() if k != "epoch"},
-                                           self.state, improved)
+                                           self.state, improved, ending=stopping or early or shown == self.epochs,
+                                           quick=phase.head_only is not None)
             self.reporter.info(format_epoch(shown, self.epochs, row))
-            if self.ctx.any(bool(self.stop)):
+            if stopping:
                 raise self.interrupted(f"stopped after epoch {shown}")
-            if self.state.should_stop_early(shown, self.epochs):
+            if early:
                 self.reporter.info(f"early stop: {self.state.monitor} has not improved for {self.state.patience} "
                                    f"epochs (best {self.state.best_metric:.4f} at epoch {self.state.best_epoch})")
                 return True
