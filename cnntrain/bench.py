@@ -2,7 +2,11 @@
 
 For every architecture (random init, nothing downloaded) it reports parameters and GMACs (from
 ``models.stats``), inference images/s at the batch size, latency at batch 1, and training-step
-images/s on random tensors already on the device: the model's ceiling. With a data folder
+images/s on random tensors already on the device: the model's ceiling. Beside cnntrain's step
+(the trainer's optimiser, memory format and other defaults) it times the loop a tutorial writes
+(``bare``: the same model and batch, NCHW, eager, ``torch.optim.SGD``, zero_grad / backward /
+step), alternating the two so that a busy machine slows both alike; ``step_vs_bare`` is what
+cnntrain's defaults buy. With a data folder
 (``pipeline=True``) it also times the trainer's own input pipeline alone and whole training
 epochs, so ``efficiency = end-to-end / ceiling`` says how much the data path costs; ``cache``
 (``auto``, ``ram``, ``disk`` or ``none``, as ``train --cache``) says whether the pipeline reads
@@ -65,40 +69,88 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 def _median_seconds(fn: Callable[[], Any], runs: int, target: float = 0.2,
                     sync: Callable[[], None] = lambda: None) -> float:
-    """Median seconds per call of ``fn`` over ``runs`` blocks, after a warm-up.
+    """Median seconds per call of ``fn`` over ``runs`` blocks of about ``target`` seconds, after a warm-up.
 
     ``sync`` (:func:`synchronizer`) brackets the call that sizes the blocks: unsynchronised, a GPU
     call times only its kernel launches, and the blocks would be many times too long."""
-    fn()  # first call: allocations, cudnn autotuning, lazy init
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    once = max(time.perf_counter() - start, 1e-6)
-    number = max(1, min(100, int(target / once)))  # cheap calls are grouped into blocks of ~target s
-    timer = _timer(fn)
-    return statistics.median(timer.timeit(number).median for _ in range(runs))
+    return _paired_seconds([fn], runs, target, sync)[0]
 
 
-def _step_fn(model: nn.Module, batch: int, size: int, num_classes: int, device: torch.device,
-             channels_last: bool, amp_dtype: torch.dtype | None, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler | None) -> Callable[[], None]:
+def _paired_seconds(fns: Sequence[Callable[[], Any]], runs: int, target: float = 0.2,
+                    sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Median seconds per call of each of ``fns``, measured in alternating blocks (a, b, a, b, ...).
+
+    Two figures meant to be compared are taken side by side: a load that comes and goes on a
+    shared machine then slows both, where back-to-back measurements would give it to one."""
+    number = []
+    for fn in fns:
+        fn()  # warm-up: allocations, autotuning, lazy init
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        number.append(max(1, min(100, int(target / max(time.perf_counter() - start, 1e-6)))))
+    timers = [_timer(fn) for fn in fns]
+    blocks: list[list[float]] = [[] for _ in fns]
+    for _ in range(runs):
+        for i, timer in enumerate(timers):
+            blocks[i].append(timer.timeit(number[i]).median)
+    return [statistics.median(b) for b in blocks]
+
+
+def _batch(batch: int, size: int, num_classes: int, device: torch.device,
+           channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(batch, 3, size, size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, num_classes, (batch,), device=device)
-    from cnntrain.engine import backward_and_step
+    return x, torch.randint(0, num_classes, (batch,), device=device)
 
-    criterion = nn.CrossEntropyLoss()
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else None
+
+def _forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                  amp_dtype: torch.dtype | None) -> torch.Tensor:
+    criterion = nn.functional.cross_entropy
+    if amp_dtype is None:
+        return criterion(model(x), y)
+    with torch.autocast(device.type, dtype=amp_dtype):
+        return criterion(model(x), y)
+
+
+def _step_fn(model: nn.Module, batch: int, size: int, num_classes: int, device: torch.device,
+             channels_last: bool, amp_dtype: torch.dtype | None) -> Callable[[], None]:
+    """cnntrain's training step: the trainer's optimiser (``build_optimizer``'s defaults) and update."""
+    from cnntrain.engine import backward_and_step
+    from cnntrain.runtime import grad_scaler
+
+    x, y = _batch(batch, size, num_classes, device, channels_last)
+    optimizer, scaler = _make_optimizer(model), grad_scaler(amp_dtype)
 
     def step() -> None:
-        if autocast is not None:
-            with autocast():
-                loss = criterion(model(x), y)
+        backward_and_step(model, _forward_loss(model, x, y, device, amp_dtype), optimizer, scaler)
+
+    return step
+
+
+def _bare_step_fn(model: nn.Module, batch: int, size: int, num_classes: int, device: torch.device,
+                  amp_dtype: torch.dtype | None) -> Callable[[], None]:
+    """The loop a tutorial writes, on a copy of ``model`` in NCHW: the yardstick for :func:`_step_fn`.
+    Precision is the user's choice, not a speed trick of cnntrain's, so both run at ``amp_dtype``."""
+    import copy
+
+    bare = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    x, y = _batch(batch, size, num_classes, device, channels_last=False)
+    optimizer = torch.optim.SGD(bare.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss = _forward_loss(bare, x, y, device, amp_dtype)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         else:
-            loss = criterion(model(x), y)
-        backward_and_step(model, loss, optimizer, scaler)
+            loss.backward()
+            optimizer.step()
 
     return step
 
@@ -121,7 +173,10 @@ def _infer_fn(model: nn.Module, batch: int, size: int, device: torch.device, cha
 
 
 def _make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    """The trainer's optimiser with its defaults, for the step and the training epochs alike."""
+    from cnntrain.train.optim import OptimizerSettings, build_optimizer
+
+    return build_optimizer(model, OptimizerSettings())
 
 
 def bench_model(name: str, *, img_size: int, batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
@@ -129,7 +184,6 @@ def bench_model(name: str, *, img_size: int, batch_size: int, device: torch.devi
     """Stats and model timings of one architecture; also returns the model (for the pipeline)."""
     from cnntrain.models import get_model, get_spec
     from cnntrain.models.stats import count_macs, model_stats_cached
-    from cnntrain.runtime import grad_scaler
 
     size = max(img_size, get_spec(name).min_size)
     model = get_model(name, num_classes=num_classes, pretrained=False)
@@ -155,9 +209,12 @@ def bench_model(name: str, *, img_size: int, batch_size: int, device: torch.devi
         row["latency_ms"] = 1000 * _median_seconds(_infer_fn(model, 1, size, device, channels_last, amp_dtype), runs,
                                                    sync=sync)
         model.train()
-        step = _step_fn(model, batch_size, size, num_classes, device, channels_last, amp_dtype,
-                        _make_optimizer(model), grad_scaler(amp_dtype))
-        row["train_images_per_s"] = batch_size / _median_seconds(step, runs, sync=sync)
+        step = _step_fn(model, batch_size, size, num_classes, device, channels_last, amp_dtype)
+        bare = _bare_step_fn(model, batch_size, size, num_classes, device, amp_dtype)
+        seconds, bare_seconds = _paired_seconds([step, bare], runs, sync=sync)
+        row["train_images_per_s"] = batch_size / seconds
+        row["bare_images_per_s"] = batch_size / bare_seconds
+        row["step_vs_bare"] = bare_seconds / seconds
     except torch.OutOfMemoryError:
         raise CnnTrainError(f"{name}: out of memory at batch {batch_size}, {size}px; try a smaller "
                             "--batch-size") from None
@@ -308,7 +365,8 @@ def bench_table(rows: list[dict[str, Any]]):
     cols: list[tuple[str, str, str | None]] = [
         ("arch", "arch", "{}"), ("params (M)", "params_m", "{:.2f}"), ("GMACs", "gmacs", "{:.3f}"),
         ("infer img/s", "infer_images_per_s", "{:.1f}"), ("latency (ms)", "latency_ms", "{:.2f}"),
-        ("train img/s", "train_images_per_s", "{:.1f}")]
+        ("train img/s", "train_images_per_s", "{:.1f}"), ("bare loop img/s", "bare_images_per_s", "{:.1f}"),
+        ("step / bare", "step_vs_bare", "{:.2f}x")]
     if "efficiency" in first:
         cols += [("data img/s", "data_images_per_s", "{:.1f}"), ("epochs img/s", "epoch_images_per_s", None),
                  ("end-to-end img/s", "e2e_images_per_s", "{:.1f}"), ("efficiency", "efficiency", "{:.0%}")]

@@ -18,7 +18,8 @@ from cnntrain.models.stats import model_stats
 
 TINY = ["shufflenet_v2_x0_5", "squeezenet1_1"]
 FAST = ["--img-size", "64", "--batch-size", "4", "--runs", "1", "--device", "cpu"]
-MODEL_FIELDS = ("params_m", "gmacs", "infer_images_per_s", "latency_ms", "train_images_per_s")
+MODEL_FIELDS = ("params_m", "gmacs", "infer_images_per_s", "latency_ms", "train_images_per_s", "bare_images_per_s",
+                "step_vs_bare")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,7 +58,7 @@ def test_bench_csv_and_table(runner):
 
     table = runner.invoke(app, ["bench", "--arch", TINY[1], *FAST])
     assert table.exit_code == 0, table.output
-    assert TINY[1] in table.stdout and "train img/s" in table.stdout
+    assert TINY[1] in table.stdout and "train img/s" in table.stdout and "bare loop img/s" in table.stdout
 
 
 @pytest.mark.parametrize("cache", ["none", "ram"])
@@ -98,3 +99,23 @@ def test_bench_prints_no_cuda_runtime_warning_on_a_cpu_machine(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "No CUDA runtime" not in done.stderr
+
+
+def test_the_bare_loop_trains_its_own_nchw_copy_and_leaves_the_model_alone():
+    import torch
+    import torch.nn as nn
+
+    from cnntrain.bench import _bare_step_fn, _step_fn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(2, 3, 8, 8))
+    model.to(memory_format=torch.channels_last).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    bare = _bare_step_fn(model, 2, 8, 3, torch.device("cpu"), None)
+    bare()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # a copy trained
+    copy = bare.__closure__  # the copy's conv weight is NCHW, the model's stays NHWC
+    convs = [c.cell_contents for c in copy if isinstance(c.cell_contents, nn.Module)]
+    assert convs and convs[0][0].weight.is_contiguous() and not model[0].weight.is_contiguous()
+    _step_fn(model, 2, 8, 3, torch.device("cpu"), True, None)()
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # cnntrain's step trains it
