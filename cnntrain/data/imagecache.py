@@ -39,7 +39,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,14 @@ class ImageCache:
         """Images recorded as unreadable."""
         return int((self.entries[:, 1] == _MISSING).sum())
 
+    def verdicts(self) -> dict[int, str | None]:
+        """What the build learnt of each image, by index: None when it is stored (it decodes), the
+        reason when it failed for good. Images read from their files when used (a transient failure,
+        a header that lied) are left out: nothing final is known of them."""
+        heights = self.entries[:, 1].tolist()
+        return {i: None if h >= 0 else self.reasons.get(i, "unreadable when the cache was built")
+                for i, h in enumerate(heights) if h != _UNCACHED}
+
     def get(self, index: int, path: str) -> torch.Tensor | None:
         """The cached ``3 x H x W`` uint8 image of sample ``index`` (a copy, so transforms may
         write to it), None when it must be decoded from ``path``, or :class:`ImageDecodeError`
@@ -140,6 +148,15 @@ class ImageCache:
         first = {i: r for i, r in self.reasons.items() if i < n}
         rest = {i - n: r for i, r in self.reasons.items() if i >= n}
         return (self._view(self.entries[:n], first), self._view(self.entries[n:], rest))
+
+    def select(self, indices: Sequence[int]) -> ImageCache:
+        """A view of the images at ``indices``, in that order (a cache built for a list that
+        readable samples were then picked from); the pixels are shared, not copied."""
+        reasons = {new: self.reasons[old] for new, old in enumerate(indices) if old in self.reasons}
+        entries = self.entries[torch.as_tensor(list(indices), dtype=torch.int64)]
+        if self.entries.is_shared():  # as the whole cache's: workers read it without a copy
+            entries.share_memory_()
+        return self._view(entries, reasons)
 
     def _view(self, entries: torch.Tensor, reasons: dict[int, str]) -> ImageCache:
         return ImageCache(self.mode, entries, reasons, data=self._data, folder=self.folder, nbytes=self.nbytes)
@@ -237,16 +254,17 @@ class _Headers(Dataset):
 
 
 class _Decode(Dataset):
-    """``(index, resized uint8 image or None, reason, transient)`` per sample, in a worker."""
+    """``(index, resized uint8 image or None, reason, transient)`` per sample to decode, in a worker."""
 
-    def __init__(self, paths: Sequence[str], short_side: int) -> None:
-        self.paths, self.short_side = paths, short_side
+    def __init__(self, paths: Sequence[str], indices: Sequence[int], short_side: int) -> None:
+        self.paths, self.indices, self.short_side = paths, indices, short_side
         self.resize = v2.Resize(short_side, antialias=True)  # eval_transform's own resize
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None, bool]:
+    def __getitem__(self, item: int) -> tuple[int, torch.Tensor | None, str | None, bool]:
+        index = self.indices[item]
         try:
             image = decode_image(self.paths[index])
         except ImageDecodeError as e:
@@ -265,15 +283,18 @@ def estimate_bytes(paths: Sequence[str], short_side: int, workers: int = 0) -> n
 
 
 def _fill(paths: Sequence[str], sizes: np.ndarray, short_side: int, buffer: torch.Tensor, workers: int,
-          progress: bool) -> tuple[torch.Tensor, dict[int, str]]:
-    """Decode every image into its slot of ``buffer``; returns (entries, reasons)."""
+          progress: bool, known_bad: Mapping[int, str]) -> tuple[torch.Tensor, dict[int, str]]:
+    """Decode every image into its slot of ``buffer``; returns (entries, reasons). The images
+    of ``known_bad`` are recorded as unreadable with their reason, unopened."""
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(sizes) else np.zeros(0, np.int64)
     entries = torch.zeros((len(paths), 4), dtype=torch.int64)
     entries[:, 0] = torch.from_numpy(offsets.astype(np.int64))
     entries[:, 3] = torch.tensor([path_tag(p) for p in paths], dtype=torch.int64)
-    reasons: dict[int, str] = {}
-    with tqdm(total=len(paths), desc="caching images", unit="img", disable=not progress, leave=False) as bar:
-        for index, image, reason, transient in run_in_workers(_Decode(paths, short_side), workers):
+    reasons: dict[int, str] = dict(known_bad)
+    entries[list(known_bad), 1] = _MISSING
+    todo = [i for i in range(len(paths)) if i not in known_bad]
+    with tqdm(total=len(todo), desc="caching images", unit="img", disable=not progress, leave=False) as bar:
+        for index, image, reason, transient in run_in_workers(_Decode(paths, todo, short_side), workers):
             bar.update()
             if image is None:
                 entries[index, 1] = _UNCACHED if transient else _MISSING
@@ -339,6 +360,7 @@ def build_image_cache(
     workers: int,
     log: Log,
     progress: bool = False,
+    known_bad: Mapping[int, str] | None = None,
 ) -> ImageCache | None:
     """Decode ``samples`` once into a cache that :class:`ImageDataset` reads by index.
 
@@ -347,6 +369,9 @@ def build_image_cache(
     None). ``max_gb``: the RAM budget (None: a quarter of the available memory). ``workers``
     decode in parallel (0: in this process). ``log`` gets one line: the mode, size, image count
     and seconds. The cache is built for exactly this sample list in this order.
+    ``known_bad``: reasons, by index, of samples already known to be unreadable (the scan's
+    verdicts): recorded as such without opening them, so a file that cannot even be opened
+    safely (a FIFO) never is. :meth:`ImageCache.verdicts` says what the build found of the rest.
     """
     if mode not in CACHE_MODES:
         raise UsageError(f"--cache must be one of {', '.join(CACHE_MODES)}, not {mode!r}")
@@ -363,14 +388,17 @@ def build_image_cache(
     key = cache_key(paths, short_side) if mode != "ram" else None
     found = open_disk_cache(key) if key is not None else None
     if found is None:
-        sizes = estimate_bytes(paths, short_side, workers)
+        bad = known_bad or {}
+        sizes = np.zeros(len(paths), dtype=np.int64)
+        todo = [i for i in range(len(paths)) if i not in bad]
+        sizes[todo] = estimate_bytes([paths[i] for i in todo], short_side, workers)
         budget = int(max_gb * GB) if max_gb is not None else default_budget()
         chosen = _choose(mode, int(sizes.sum()), budget, image_cache_dir(), log)
         if chosen == "none":
             return None
 
         def fill(buffer: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
-            return _fill(paths, sizes, short_side, buffer, workers, progress)
+            return _fill(paths, sizes, short_side, buffer, workers, progress, bad)
 
         if chosen == "ram":
             buffer = torch.empty(int(sizes.sum()), dtype=torch.uint8)

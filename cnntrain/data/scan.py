@@ -11,6 +11,13 @@ run decodes only new or changed files. The cache also records the decoder's iden
 (:func:`~cnntrain.data.decode.decoder_id`: library versions, size limits), so upgrading any of
 them re-checks everything. Runs that scan one dataset at the same time share the file: each
 merges its verdicts in under a lock and writes it atomically, so it stays whole and keeps both.
+
+Training decodes every image anyway, into its decoded-image cache, so a first run would decode
+each file twice: once here, once there. It passes that build as the scan's ``reader`` instead:
+the scan hands it the samples (with the reasons it already knows, so known-bad files are never
+opened again), takes its verdicts for the files it has none for, caches them as its own, and
+decodes only what the reader could not vouch for. One pass, and still every verdict is in
+before the first training step.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +49,11 @@ CACHE_VERSION = 1
 #: Files listed by :meth:`ScanResult.warning` and in a strict-mode error.
 WARN_LIMIT = 20
 ERROR_LIMIT = 3
+
+#: A pass that decodes every sample anyway (training's image cache): given the samples and the
+#: reasons, by index, of those already known to be unreadable (not to be opened), it returns the
+#: verdicts it is sure of, by index (None: decodes; else the lasting reason it does not).
+Reader = Callable[[Sequence[tuple[str, int]], Mapping[int, str]], Mapping[int, str | None]]
 
 
 @dataclass
@@ -154,32 +166,13 @@ def _auto_workers(n: int) -> int:
     return 0 if n < POOL_THRESHOLD else min(default_workers(), max(1, n // 256))
 
 
-def scan_samples(
-    samples: list[tuple[str, int]],
-    *,
-    strict: bool = False,
-    cache: bool = True,
-    workers: int | None = None,
-    progress: bool = False,
-) -> ScanResult:
-    """Fully decode every sample; split them into readable ``good`` ones and ``bad`` ``(path, reason)``.
-
-    Default: bad files are only reported (``result.warning()`` is the message to print) and left
-    out of ``good``. ``strict=True`` raises :class:`DataError` naming them instead. With
-    ``cache`` (the default) verdicts are stored by (absolute path, size, mtime_ns) under
-    :func:`~cnntrain.paths.scan_cache_dir` and reused while a file is unchanged; ``result.cached`` counts those.
-    ``workers`` decoder processes (default: none below :data:`POOL_THRESHOLD` files to decode,
-    else up to ``default_workers()``); ``progress`` shows a bar.
-    """
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise UsageError(f"workers must be 0 or more, got {workers!r}; 0 checks in this process")
-    start = time.perf_counter()
-    samples = list(samples)
-    abspaths = [os.path.abspath(path) for path, _ in samples]
-    cache_path = _cache_file(abspaths) if cache and samples else None
-    entries = _load_cache(cache_path) if cache_path is not None else {}
-    verdicts: dict[str, str | None] = {}  # abspath -> reason (None: good)
-    keys: dict[str, list[Any]] = {}  # abspath -> [size, mtime_ns] of files to decode
+def _known_verdicts(abspaths: Sequence[str], entries: dict[str, list[Any]]
+                    ) -> tuple[dict[str, str | None], dict[str, list[Any]], int]:
+    """What is known without decoding: ``(verdicts, keys, cached)``. ``verdicts`` maps a path
+    to its reason (None: good) when it cannot be opened or the cache has its verdict; ``keys``
+    holds ``[size, mtime_ns]`` of the files still to decode; ``cached`` counts cache hits."""
+    verdicts: dict[str, str | None] = {}
+    keys: dict[str, list[Any]] = {}
     cached = 0
     for ap in dict.fromkeys(abspaths):
         try:
@@ -197,10 +190,51 @@ def scan_samples(
             cached += 1
         else:
             keys[ap] = [st.st_size, st.st_mtime_ns]
-    todo = list(keys)
+    return verdicts, keys, cached
+
+
+def _vouched(reader: Reader, samples: list[tuple[str, int]], abspaths: list[str],
+             verdicts: dict[str, str | None]) -> dict[str, str | None]:
+    """The reader's verdicts by path, after it read every sample not known to be unreadable."""
+    known_bad = {i: reason for i, ap in enumerate(abspaths) if (reason := verdicts.get(ap)) is not None}
+    return {abspaths[i]: reason for i, reason in reader(samples, known_bad).items()}
+
+
+def scan_samples(
+    samples: list[tuple[str, int]],
+    *,
+    strict: bool = False,
+    cache: bool = True,
+    workers: int | None = None,
+    progress: bool = False,
+    reader: Reader | None = None,
+) -> ScanResult:
+    """Fully decode every sample; split them into readable ``good`` ones and ``bad`` ``(path, reason)``.
+
+    Default: bad files are only reported (``result.warning()`` is the message to print) and left
+    out of ``good``. ``strict=True`` raises :class:`DataError` naming them instead. With
+    ``cache`` (the default) verdicts are stored by (absolute path, size, mtime_ns) under
+    :func:`~cnntrain.paths.scan_cache_dir` and reused while a file is unchanged; ``result.cached`` counts those.
+    ``workers`` decoder processes (default: none below :data:`POOL_THRESHOLD` files to decode,
+    else up to ``default_workers()``); ``progress`` shows a bar. ``reader``: a pass that decodes
+    every sample anyway (see the module docstring); it is always called, and the files it vouches
+    for are not decoded here.
+    """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise UsageError(f"workers must be 0 or more, got {workers!r}; 0 checks in this process")
+    start = time.perf_counter()
+    samples = list(samples)
+    abspaths = [os.path.abspath(path) for path, _ in samples]
+    cache_path = _cache_file(abspaths) if cache and samples else None
+    entries = _load_cache(cache_path) if cache_path is not None else {}
+    verdicts, keys, cached = _known_verdicts(abspaths, entries)
+    vouched = _vouched(reader, samples, abspaths, verdicts) if reader is not None else {}
+    checked = {ap: (vouched[ap], True) for ap in keys if ap in vouched}
+    todo = [ap for ap in keys if ap not in vouched]
     n_workers = _auto_workers(len(todo)) if workers is None else min(workers, len(todo))
+    checked.update(zip(todo, _run_checks(todo, n_workers, progress)))
     changed = False
-    for ap, (reason, cacheable) in zip(todo, _run_checks(todo, n_workers, progress)):
+    for ap, (reason, cacheable) in checked.items():
         verdicts[ap] = reason
         if cacheable:
             entries[ap] = [*keys[ap], reason]

@@ -120,8 +120,9 @@ def cached_features(model: nn.Module, head: str, splits: DatasetSplits, pipeline
     spans ranks, and its shard of val) into its own memory; nothing is written to disk."""
     batcher, batch_size = pipeline.batcher, settings.batch_size
     transform = eval_transform(settings.img_size)
-    probe = next(iter(make_loader(ImageDataset(splits.train[:2], transform), batch_size=2, shuffle=False,
-                                  workers=0)))[0]
+    probe_cache = pipeline.train_cache.split(2)[0] if pipeline.train_cache is not None else None  # no decoding
+    probe = next(iter(make_loader(ImageDataset(splits.train[:2], transform, cache=probe_cache), batch_size=2,
+                                  shuffle=False, workers=0)))[0]
     if not head_reproduces_model(model, head, batcher(probe, torch.zeros(len(probe)))[0]):
         log(f"feature cache: {arch} has layers after its head `{head}`; training through the full model")
         return None

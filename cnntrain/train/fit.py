@@ -65,7 +65,7 @@ from cnntrain.train.loop import EpochLoop, EpochReporter
 from cnntrain.train.lr_find import METHODS, lr_find_for_config
 from cnntrain.train.optim import OptimizerSettings, ScheduleSettings, describe_groups
 from cnntrain.train.phase import Phase, Phases
-from cnntrain.train.pipeline import PipelineSettings, build_pipeline
+from cnntrain.train.pipeline import FirstPass, PipelineSettings, build_pipeline
 from cnntrain.train.preview import write_train_batch
 from cnntrain.train.progress import Reporter
 from cnntrain.train.resume import ResumePlan, load_plan
@@ -113,9 +113,13 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
     cfg, plan = _checked(cfg, plan, ctx, device, reporter)
     seed_everything(cfg.seed, cfg.deterministic)
     _say(reporter, deterministic_note(device, cfg.deterministic))
+    # The scan's decoding builds the image cache too, so a first run decodes each image once.
+    first_pass = FirstPass(cfg.pick(PipelineSettings), device=device, ctx=ctx, log=reporter.info,
+                           progress=reporter.interactive)
     with ctx.main_first():  # rank 0 scans (and downloads); the others then read its caches
         splits = load_splits(cfg.data_path, cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, strict=cfg.strict,
-                             labels=cfg.labels, info=reporter.info, warn=reporter.always, progress=reporter.interactive)
+                             labels=cfg.labels, info=reporter.info, warn=reporter.always, progress=reporter.interactive,
+                             reader=first_pass.reader)
     check_trainable(splits)
     if plan is not None:
         plan.check_classes(splits.classes)
@@ -146,7 +150,7 @@ def _fit(cfg: TrainConfig, reporter: Reporter, stop: StopRequest, ctx: DistConte
         length = plan.new_length(cfg.epochs, cfg.sched, state.lr)
         if length:
             reporter.info(length)
-    phases = _phases(cfg, run, splits, frozen, device, ctx, amp_dtype, channels_last, reporter)
+    phases = _phases(cfg, run, splits, frozen, device, ctx, amp_dtype, channels_last, reporter, first_pass)
     if ctx.is_main:
         write_run_description(run_dir, save_yaml(cfg), splits.classes)
         write_train_batch(run_dir, phases, start_epoch, splits.classes, run.mean, run.std, objective.batch_transform,
@@ -287,18 +291,22 @@ def _say(reporter: Reporter, line: str | None) -> None:
 
 
 def _phases(cfg: TrainConfig, run: RunModel, splits: DatasetSplits, frozen: bool, device: torch.device,
-            ctx: DistContext, amp_dtype: torch.dtype | None, channels_last: bool, reporter: Reporter) -> Phases:
-    """The input pipeline and, with a frozen backbone and ``--aug none``, the cached features."""
+            ctx: DistContext, amp_dtype: torch.dtype | None, channels_last: bool, reporter: Reporter,
+            first_pass: FirstPass) -> Phases:
+    """The input pipeline (on the image cache of the first pass) and, with a frozen backbone and
+    ``--aug none``, the cached features."""
     settings = cfg.pick(PipelineSettings)
     use_features = frozen and cfg.feature_cache and settings.deterministic
     if use_features and (cfg.mixup > 0 or cfg.cutmix > 0):
         reporter.info("feature cache: off, as mixup/cutmix mix images, not cached features; training through the "
                       "full model")
         use_features = False
-    # Frozen to the end with cached features: the backbone reads each image once, nothing to cache.
+    # Frozen to the end with cached features, the backbone reads each image once: no image cache is
+    # built for that alone, but the one the first pass built is where the features read them from.
     features_only = use_features and cfg.unfreeze_epoch is None
+    image_cache = first_pass.cache_for(splits, build=not features_only)
     pipeline = build_pipeline(splits, settings, device=device, mean=run.mean, std=run.std, channels_last=channels_last,
-                              amp_dtype=amp_dtype, ctx=ctx, image_cache=not features_only, log=reporter.info,
+                              amp_dtype=amp_dtype, ctx=ctx, image_cache=image_cache, log=reporter.info,
                               progress=reporter.interactive)
     features = None
     if use_features:

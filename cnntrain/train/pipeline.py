@@ -3,12 +3,13 @@
 Built by one function, ``build_pipeline``, which ``fit`` and ``bench --pipeline`` both call, so
 what the benchmark times is what training runs (drop_last rule, GPU decoding, caches included).
 See DESIGN.md, "The input path": loaders yield uint8 batches; the ``Batcher`` makes them the
-model's float input on the device.
+model's float input on the device. ``FirstPass`` builds the image cache early, as the scan's
+reader, so that a first run decodes each image once, not once to check it and once to cache it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from cnntrain.data import DatasetSplits, ImageDataset, Normalize, collate_skippi
 from cnntrain.data.gpu_decode import EncodedImageDataset, collate_encoded, use_gpu_decode
 from cnntrain.data.imagecache import ImageCache, build_image_cache, default_budget
 from cnntrain.data.sampler import EpochSampler, SeededDataset, ShardSampler, balanced_weights
+from cnntrain.data.scan import Reader
 from cnntrain.data.transforms import CROP_RATIO, Augment, eval_transform, train_transform
 from cnntrain.engine import Batcher
 from cnntrain.train.distributed import DistContext
@@ -82,13 +84,83 @@ def train_sampler(labels: list[int], settings: PipelineSettings, ctx: DistContex
 
 def decoded_image_cache(splits: DatasetSplits, settings: PipelineSettings, *, workers: int, local_world_size: int = 1,
                         log: Log = lambda s: None, progress: bool = False) -> ImageCache | None:
-    """Every image of train and val decoded once, resized to the eval size, for all epochs.
+    """Every image of train and val decoded once, resized to the eval size, for all epochs."""
+    return _image_cache(splits.train + splits.val, settings, workers=workers, local_world_size=local_world_size,
+                        log=log, progress=progress)
 
-    Under torchrun each rank holds its own RAM copy, so the machine's budget is shared."""
+
+def _image_cache(samples: Sequence[tuple[str, int]], settings: PipelineSettings, *, workers: int,
+                 local_world_size: int, log: Log, progress: bool,
+                 known_bad: Mapping[int, str] | None = None) -> ImageCache | None:
+    """The image cache of ``samples`` as ``settings`` ask for it. Under torchrun each rank holds
+    its own RAM copy, so the machine's budget is shared."""
     budget_gb = settings.cache_max_gb if settings.cache_max_gb is not None else default_budget() / 1e9
-    return build_image_cache(splits.train + splits.val, short_side=int(settings.img_size / CROP_RATIO),
-                             mode=settings.cache, max_gb=budget_gb / local_world_size, workers=workers, log=log,
-                             progress=progress)
+    return build_image_cache(samples, short_side=int(settings.img_size / CROP_RATIO), mode=settings.cache,
+                             max_gb=budget_gb / local_world_size, workers=workers, log=log, progress=progress,
+                             known_bad=known_bad)
+
+
+class FirstPass:
+    """The run's one decoding pass over its images: the image cache's build, done as the scan.
+
+    Before the first step the scan must decode every image (a bad file is reported up front) and
+    the image cache must decode every image (to keep its pixels): the same work, twice on a first
+    run. So the cache is built early, as the scan's reader (``scan_samples(reader=...)``): over
+    the samples as loaded, with the files the scan already knows to be bad recorded unopened, and
+    its verdicts become the scan's. ``cache_for`` then narrows it to the samples the run keeps.
+    Being built for the list as loaded, a disk cache's key does not depend on which files turned
+    out bad, so the next run finds it (and its scan finds every verdict cached): it decodes nothing.
+
+    Where no image cache is built (``--cache none``, ``--gpu-decode`` on CUDA) there is no
+    reader and the scan decodes by itself, as before.
+    """
+
+    def __init__(self, settings: PipelineSettings, *, device: torch.device, ctx: DistContext = DistContext(),
+                 log: Log = lambda s: None, progress: bool = False) -> None:
+        self.settings, self.log, self.progress = settings, log, progress
+        self.local_world_size = ctx.local_world_size
+        self.workers = settings.loader_workers(ctx.local_world_size)  # as build_pipeline would build it with
+        self.wanted = settings.cache != "none" and not (settings.gpu_decode and device.type == "cuda")
+        self._paths: list[str] | None = None  # what the cache was built for; None: not built (yet)
+        self._cache: ImageCache | None = None
+
+    @property
+    def reader(self) -> Reader | None:
+        """What the scan is given: ``read``, or None where the run builds no image cache."""
+        return self.read if self.wanted else None
+
+    def read(self, samples: Sequence[tuple[str, int]], known_bad: Mapping[int, str]) -> dict[int, str | None]:
+        """Build the cache of ``samples``; what it found of each image, for the scan."""
+        self._cache = _image_cache(samples, self.settings, workers=self.workers,
+                                   local_world_size=self.local_world_size, log=self.log, progress=self.progress,
+                                   known_bad=known_bad)
+        self._paths = [path for path, _ in samples]
+        return self._cache.verdicts() if self._cache is not None else {}
+
+    def cache_for(self, splits: DatasetSplits, build: bool = True) -> ImageCache | None | bool:
+        """``build_pipeline``'s ``image_cache`` for ``splits`` (readable samples picked, in order, from
+        those the cache was built for): a view of the cache, False when the pass found no room for
+        one (asking again would find none either), else ``build`` (the pass did not run)."""
+        if self._paths is None:
+            return build
+        if self._cache is None:
+            return False
+        indices = _positions(self._paths, [path for path, _ in splits.train + splits.val])
+        return self._cache.select(indices) if indices is not None else build
+
+
+def _positions(built: Sequence[str], kept: Sequence[str]) -> list[int] | None:
+    """Where each of ``kept`` sits in ``built``, which it was picked from in order; None if it was not."""
+    positions: list[int] = []
+    at = 0
+    for path in kept:
+        while at < len(built) and built[at] != path:
+            at += 1
+        if at == len(built):
+            return None
+        positions.append(at)
+        at += 1
+    return positions
 
 
 def build_pipeline(splits: DatasetSplits, settings: PipelineSettings, *, device: torch.device,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from cnntrain.config import DATASET_DEFAULTS, describe_defaults
 from cnntrain.data import DatasetSplits, load_data, scan_samples
+from cnntrain.data.scan import Reader
 from cnntrain.errors import DataError
 
 Log = Callable[[str], None]
@@ -14,16 +15,18 @@ Log = Callable[[str], None]
 
 def load_splits(data_path: str | None, dataset: str | None, *, val_split: float, seed: int, strict: bool,
                 labels: str | None = None, info: Log = lambda s: None, warn: Log = lambda s: None,
-                progress: bool = False) -> DatasetSplits:
+                progress: bool = False, reader: Reader | None = None) -> DatasetSplits:
     """Train and val samples, every image decoded once first (cached) so one bad file cannot end a run.
 
-    ``info`` gets what is being done, ``warn`` what went wrong but was survived (shown even with --quiet)."""
+    ``info`` gets what is being done, ``warn`` what went wrong but was survived (shown even with --quiet).
+    ``reader``: the pass that decodes every image anyway (the image cache, ``pipeline.FirstPass``),
+    which the scan then takes its verdicts from instead of decoding each file a second time."""
     if not data_path and not labels and dataset is None:
         own = describe_defaults(DATASET_DEFAULTS["shapes"])
         info("no --data-path or --dataset given: training on the built-in offline dataset `shapes`, "
              f"with its own defaults where no option says otherwise ({own})")
     splits = load_data(data_path or None, dataset, labels, val_split=val_split, seed=seed)
-    return drop_unreadable(splits, strict, warn, progress)
+    return drop_unreadable(splits, strict, warn, progress, reader)
 
 
 def check_trainable(splits: DatasetSplits) -> None:
@@ -32,8 +35,9 @@ def check_trainable(splits: DatasetSplits) -> None:
         raise DataError(f"only {len(splits.train)} training image(s) found; training needs at least 2")
 
 
-def drop_unreadable(splits: DatasetSplits, strict: bool, warn: Log, progress: bool = False) -> DatasetSplits:
-    scan = scan_samples(splits.train + splits.val, strict=strict, progress=progress)
+def drop_unreadable(splits: DatasetSplits, strict: bool, warn: Log, progress: bool = False,
+                    reader: Reader | None = None) -> DatasetSplits:
+    scan = scan_samples(splits.train + splits.val, strict=strict, progress=progress, reader=reader)
     warning = scan.warning()
     if warning is None:
         return splits
