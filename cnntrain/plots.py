@@ -30,8 +30,10 @@ LABEL_MAX_CLASSES = 100  # above this, tick labels overlap whatever the font siz
 MARKER_MAX_EPOCHS = 50  # markers make a 1-epoch run visible, but clutter long ones
 
 
-def new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
+def new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+    """A figure on its own Agg canvas (no pyplot state). ``layout=None`` for grids of equal cells,
+    which place themselves: the constrained-layout solver costs most of their drawing time."""
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 

@@ -47,7 +47,11 @@ def plot_top_losses(mistakes: Sequence[Mistake], img_size: int, path: str | os.P
     were chosen from. ``heatmaps`` (``eval --explain``): one Grad-CAM map per image, of the
     predicted class, laid over it."""
     rows = max(1, math.ceil(len(mistakes) / COLUMNS))
-    fig = new_figure(2.6 * COLUMNS, 2.9 * rows + 0.5)
+    height = 2.9 * rows + 0.7
+    fig = new_figure(2.6 * COLUMNS, height, layout=None)
+    # cells of 2.6 x 2.9 in: a two-line title above each image, a file name below, the heading on top
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.25 / height, top=1 - 0.95 / height, wspace=0.12,
+                        hspace=0.62 / 2.2)
     axes = np.atleast_1d(fig.subplots(rows, COLUMNS)).reshape(-1)
     for index, (ax, mistake) in enumerate(zip(axes, mistakes)):
         image = shown_image(mistake.path, img_size)
