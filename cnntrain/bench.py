@@ -293,8 +293,10 @@ def _check_request(*, batch_size: int, img_size: int, runs: int, epochs: int, wo
 
     if batch_size < 2:
         raise UsageError("--batch-size must be at least 2 (a training step needs BatchNorm statistics)")
-    if img_size < 16:
-        raise UsageError("--img-size must be at least 16")
+    from cnntrain.config import IMG_SIZE_MAX
+
+    if not 16 <= img_size <= IMG_SIZE_MAX:
+        raise UsageError(f"--img-size must be between 16 and {IMG_SIZE_MAX} pixels, e.g. 224")
     if runs < 1 or epochs < 1:
         raise UsageError("--runs and --epochs must be at least 1")
     if workers is not None and workers < 0:

@@ -35,6 +35,8 @@ SEED_MAX = 2**32 - 1
 #: Largest --lr, --backbone-lr-mult and --weight-decay: far above any useful value, and products of
 #: them still fit the float32 an optimiser computes in (1e300 overflows there, mid-step).
 RATE_MAX = 1e4
+#: Largest --img-size: 16x what ImageNet models train at; a batch of 4096 px images is already 200 MB each.
+IMG_SIZE_MAX = 4096
 
 
 @dataclass
@@ -125,7 +127,8 @@ class TrainConfig:
              "--dataset needs a name, e.g. shapes (an empty one is not the default)"),
             (self.epochs < 1, "--epochs must be at least 1"),
             (self.batch_size < 1, "--batch-size must be at least 1"),
-            (self.img_size < 16, "--img-size must be at least 16"),
+            (not 16 <= self.img_size <= IMG_SIZE_MAX,
+             f"--img-size must be between 16 and {IMG_SIZE_MAX} pixels, e.g. 224"),
             (not 0.0 <= self.val_split < 1.0, "--val-split must be in [0, 1)"),
             (not 0 < self.lr <= RATE_MAX, f"--lr must be positive and at most {RATE_MAX:g}"),
             (not 0 <= self.momentum <= 1, "--momentum must be in [0, 1], e.g. 0.9"),

@@ -146,3 +146,9 @@ def test_yaml_scientific_notation_and_ints_for_floats(tmp_path):
     path.write_text("lr: 1e-3\nweight_decay: 0\n")  # YAML 1.1 reads 1e-3 as a string
     cfg = build_config(load_yaml(path))
     assert cfg.lr == 0.001 and cfg.weight_decay == 0.0 and isinstance(cfg.weight_decay, float)
+
+
+@pytest.mark.parametrize("size", [15, 4097, 10**6, 2**64])
+def test_an_image_size_no_run_could_use_is_a_usage_error_before_any_data_is_read(size):
+    with pytest.raises(UsageError, match="--img-size must be between 16 and 4096"):
+        build_config({}, {"img_size": size})
