@@ -4,15 +4,18 @@ disk cache decodes nothing."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.data import DataLoader
 
 from cnntrain.cli import app
-from cnntrain.data import datasets, gpu_decode, imagecache, scan
+from cnntrain.data import datasets, gpu_decode, imagecache, pool, scan
 from cnntrain.data.decode import decode_image
 from cnntrain.data.imagecache import build_image_cache
 from cnntrain.data.scan import scan_samples
@@ -172,3 +175,19 @@ def test_cache_build_never_opens_known_bad_files_and_says_what_it_found(folder, 
     picked = cache.select([3, 0])
     assert picked.get(0, samples[3][0]).shape == cache.get(3, samples[3][0]).shape
     assert picked.get(1, samples[0][0]).equal(cache.get(0, samples[0][0]))
+
+
+@pytest.mark.integration  # a spawned worker imports torch afresh
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_workers_write_the_pixels_in_place(folder, monkeypatch, context):
+    """Workers store each image in the cache's buffer themselves: shared memory reached by handle,
+    the disk cache's file mapped again in each worker, so nothing written is lost with spawn."""
+    _, good, _ = folder
+    samples = [(str(p), 0) for p in good[:4]]
+    reference = build_image_cache(samples, short_side=36, mode="ram", max_gb=None, workers=0, log=lambda s: None)
+    monkeypatch.setattr(pool, "DataLoader", functools.partial(DataLoader, multiprocessing_context=context))
+    for mode in ("ram", "disk"):
+        built = build_image_cache(samples, short_side=36, mode=mode, max_gb=None, workers=1, log=lambda s: None)
+        assert built is not None and reference is not None and built.mode == mode
+        assert torch.equal(built.entries, reference.entries) and torch.equal(built.data, reference.data)
+        assert int(reference.data.sum()) > 0

@@ -34,8 +34,9 @@ CACHE_VERSION = 1
 #: A temporary build folder untouched this long belongs to a killed build and is removed.
 STALE_SECONDS = 3600.0
 
-#: Decodes every image into the flat uint8 buffer it is given; returns (entries, reasons).
-Fill = Callable[[torch.Tensor], tuple[torch.Tensor, dict[int, str]]]
+#: Decodes every image into the data file it is given (already of its final size, written in
+#: place by whichever processes the caller decodes in); returns (entries, reasons).
+Fill = Callable[[Path], tuple[torch.Tensor, dict[int, str]]]
 
 
 class StoredCache(NamedTuple):
@@ -141,14 +142,8 @@ def write_disk_cache(paths: Sequence[str], nbytes: int, key: str, short_side: in
             data_path = tmp / "data.u8"
             with open(data_path, "wb") as f:
                 f.truncate(nbytes)
-            if nbytes:
-                mapped = np.memmap(data_path, dtype=np.uint8, mode="r+", shape=(nbytes,))
-                entries, reasons = fill(torch.from_numpy(mapped))
-                mapped.flush()
-                del mapped
-            else:
-                entries, reasons = fill(torch.empty(0, dtype=torch.uint8))
-            with open(data_path, "rb+") as f:
+            entries, reasons = fill(data_path)
+            with open(data_path, "rb+") as f:  # the pages written through mappings, on disk
                 os.fsync(f.fileno())
             with fileio.atomic_open(tmp / "entries.npy", "wb") as f:
                 np.save(f, entries.numpy(), allow_pickle=False)
