@@ -118,8 +118,10 @@ def main() -> None:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--runs", type=int, default=3, help="first runs, each followed by a second run (default 3)")
     ap.add_argument("--tree", action="append", default=[], help="a cnntrain source tree to run (repeat to compare)")
-    ap.add_argument("extra", nargs="*", help="more train options, after --")
-    opts = ap.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    opts = ap.parse_args(argv[:cut])
+    opts.extra = argv[cut + 1:]  # more train options, after --
     trees: list[str | None] = [str(Path(t).resolve()) for t in opts.tree] or [None]
     Runs = list[dict[str, object]]
     runs: dict[tuple[str | None, str], Runs] = {(t, k): [] for t in trees for k in ("first", "second")}
