@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ LABEL_MAX_CLASSES = 100  # above this, tick labels overlap whatever the font siz
 MARKER_MAX_EPOCHS = 50  # markers make a 1-epoch run visible, but clutter long ones
 
 
-def new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+def new_figure(width: float, height: float, layout: Literal["constrained"] | None = "constrained") -> Figure:
     """A figure on its own Agg canvas (no pyplot state). ``layout=None`` for grids of equal cells,
     which place themselves: the constrained-layout solver costs most of their drawing time."""
     fig = Figure(figsize=(width, height), layout=layout)
