@@ -293,14 +293,14 @@ def _check_request(*, batch_size: int, img_size: int, runs: int, epochs: int, wo
 
     if batch_size < 2:
         raise UsageError("--batch-size must be at least 2 (a training step needs BatchNorm statistics)")
-    from cnntrain.config import IMG_SIZE_MAX
+    from cnntrain.config import IMG_SIZE_MAX, WORKERS_MAX
 
     if not 16 <= img_size <= IMG_SIZE_MAX:
         raise UsageError(f"--img-size must be between 16 and {IMG_SIZE_MAX} pixels, e.g. 224")
     if runs < 1 or epochs < 1:
         raise UsageError("--runs and --epochs must be at least 1")
-    if workers is not None and workers < 0:
-        raise UsageError("--workers cannot be negative")
+    if workers is not None and not 0 <= workers <= WORKERS_MAX:
+        raise UsageError(f"--workers must be between 0 and {WORKERS_MAX} loader processes")
     if pipeline and data_path is None:
         raise UsageError("--pipeline needs --data-path DIR (an ImageFolder root)")
     if cache not in CACHE_MODES:

@@ -37,6 +37,9 @@ SEED_MAX = 2**32 - 1
 RATE_MAX = 1e4
 #: Largest --img-size: 16x what ImageNet models train at; a batch of 4096 px images is already 200 MB each.
 IMG_SIZE_MAX = 4096
+#: Largest --workers: each is a process holding a copy-on-write image of this one (a 2**64 asked for
+#: forked until the machine ran out of memory).
+WORKERS_MAX = 256
 
 
 @dataclass
@@ -144,7 +147,8 @@ class TrainConfig:
             (self.warmup_epochs < 0 or 0 < self.epochs <= self.warmup_epochs,
              "--warmup-epochs must be smaller than --epochs"),
             (not 0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)"),
-            (self.workers is not None and self.workers < 0, "--workers cannot be negative"),
+            (self.workers is not None and not 0 <= self.workers <= WORKERS_MAX,
+             f"--workers must be between 0 and {WORKERS_MAX} loader processes (default: one per CPU, up to 8)"),
             (self.cache not in CACHE_MODES, f"--cache must be one of {', '.join(CACHE_MODES)}"),
             (self.cache_max_gb is not None and not self.cache_max_gb > 0, "--cache-max-gb must be positive"),
             (self.unfreeze_epoch is not None and not self.freeze_layers, "--unfreeze-epoch needs --freeze-layers"),

@@ -152,3 +152,18 @@ def test_yaml_scientific_notation_and_ints_for_floats(tmp_path):
 def test_an_image_size_no_run_could_use_is_a_usage_error_before_any_data_is_read(size):
     with pytest.raises(UsageError, match="--img-size must be between 16 and 4096"):
         build_config({}, {"img_size": size})
+
+
+@pytest.mark.parametrize("workers", [-1, 257, 45086, 2**64])
+def test_more_loader_processes_than_any_machine_uses_is_a_usage_error(workers):
+    with pytest.raises(UsageError, match="--workers must be between 0 and 256"):
+        build_config({}, {"workers": workers})
+
+
+def test_the_worker_pool_starts_no_process_without_an_item(monkeypatch):
+    from cnntrain.data import pool
+
+    started = []
+    monkeypatch.setattr(pool, "DataLoader", lambda *a, num_workers, **k: started.append(num_workers) or [[1], [2]])
+    assert list(pool.run_in_workers([10, 20], 200)) == [1, 2] and started == [2]
+    assert list(pool.run_in_workers([], 200)) == [] and started == [2]  # nothing to do: no pool at all

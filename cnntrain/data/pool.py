@@ -29,6 +29,7 @@ def run_in_workers(dataset: Dataset, workers: int, *, batch_size: int = 8) -> It
     ``batch_size`` items travel to this process at a time: small for big items (decoded
     images), larger for small ones (verdicts) to cut the per-batch overhead.
     """
+    workers = min(workers, len(dataset))  # type: ignore[arg-type]  # no process without an item to compute
     if workers == 0:
         yield from (dataset[i] for i in range(len(dataset)))  # type: ignore[arg-type]
         return
