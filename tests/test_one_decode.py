@@ -178,16 +178,16 @@ def test_cache_build_never_opens_known_bad_files_and_says_what_it_found(folder, 
 
 
 @pytest.mark.integration  # a spawned worker imports torch afresh
-@pytest.mark.parametrize("context", ["fork", "spawn"])
-def test_workers_write_the_pixels_in_place(folder, monkeypatch, context):
-    """Workers store each image in the cache's buffer themselves: shared memory reached by handle,
-    the disk cache's file mapped again in each worker, so nothing written is lost with spawn."""
+@pytest.mark.parametrize("context, mode", [("fork", "ram"), ("fork", "disk"), ("spawn", "disk")])
+def test_workers_write_the_pixels_in_place(folder, monkeypatch, context, mode):
+    """Workers store each image in the cache's buffer themselves: shared memory (which a spawned
+    worker reaches by handle, as test_imagecache's reading test shows), or the disk cache's file,
+    mapped again in each worker, so nothing written is lost with spawn either."""
     _, good, _ = folder
     samples = [(str(p), 0) for p in good[:4]]
     reference = build_image_cache(samples, short_side=36, mode="ram", max_gb=None, workers=0, log=lambda s: None)
     monkeypatch.setattr(pool, "DataLoader", functools.partial(DataLoader, multiprocessing_context=context))
-    for mode in ("ram", "disk"):
-        built = build_image_cache(samples, short_side=36, mode=mode, max_gb=None, workers=1, log=lambda s: None)
-        assert built is not None and reference is not None and built.mode == mode
-        assert torch.equal(built.entries, reference.entries) and torch.equal(built.data, reference.data)
-        assert int(reference.data.sum()) > 0
+    built = build_image_cache(samples, short_side=36, mode=mode, max_gb=None, workers=1, log=lambda s: None)
+    assert built is not None and reference is not None and built.mode == mode
+    assert torch.equal(built.entries, reference.entries) and torch.equal(built.data, reference.data)
+    assert int(reference.data.sum()) > 0
