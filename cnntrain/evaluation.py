@@ -49,30 +49,28 @@ def data_of(ckpt: dict[str, Any], weights: str | Path, given: DataChoice,
     """The data to score: as given, else the data the checkpoint was trained on (when it is still there)."""
     if given.data_path is not None and given.dataset is not None:
         raise UsageError("give --data-path DIR or --dataset NAME, not both")
-    if given.labels is not None and given.dataset is not None:
-        raise UsageError("--labels lists your own images: give it with --data-path DIR or alone, not with --dataset")
     if given != DataChoice():
-        return given
+        return given  # load_data refuses --labels with --dataset
     config = ckpt.get("config")
     if not config:
         raise UsageError(f"{weights} does not say what it was trained on; give --data-path DIR or --dataset NAME")
     if config.get("labels"):
-        labels = Path(config["labels"])
-        if not labels.is_file():
-            raise UsageError(f"no --labels given, and {labels}, the label file {weights} was trained on, is not "
-                             "there any more; give --labels FILE.csv, --data-path DIR or --dataset NAME")
-        log(f"no --labels given: scoring on {labels}, the label file {weights} was trained on")
-        return DataChoice(config.get("data_path"), None, labels)
+        return DataChoice(config.get("data_path"), None, _still_there(config["labels"], "--labels", weights, log))
     if config.get("data_path"):
-        trained_on = Path(config["data_path"])
-        if not trained_on.is_dir():
-            raise UsageError(f"no --data-path given, and {trained_on}, which {weights} was trained on, is not there "
-                             "any more; give --data-path DIR or --dataset NAME")
-        log(f"no --data-path given: scoring on {trained_on}, the data {weights} was trained on")
-        return DataChoice(trained_on)
+        return DataChoice(_still_there(config["data_path"], "--data-path", weights, log))
     name = config.get("dataset") or "shapes"  # training's own default
     log(f"no --dataset given: scoring on the built-in dataset {name}, which {weights} was trained on")
     return DataChoice(dataset=name)
+
+
+def _still_there(path: str, option: str, weights: str | Path, log: Callable[[str], None]) -> Path:
+    """The label file or folder ``weights`` was trained on, when it is still there."""
+    found = Path(path)
+    if not (found.is_file() if option == "--labels" else found.is_dir()):
+        raise UsageError(f"no {option} given, and {found}, which {weights} was trained on, is not there any more; "
+                         "give --data-path DIR, --labels FILE.csv or --dataset NAME")
+    log(f"no {option} given: scoring on {found}, the data {weights} was trained on")
+    return found
 
 
 def checkpoint_splits(ckpt: dict[str, Any], weights: str | Path, given: DataChoice,

@@ -107,6 +107,10 @@ def test_labels_and_a_builtin_dataset_are_one_choice_too(tmp_path):
 
     with pytest.raises(UsageError, match="--labels .* not with --dataset"):
         build_config({}, {"labels": "x.csv", "dataset": "shapes"})
+    from cnntrain.data import load_data
+
+    with pytest.raises(UsageError, match="--labels .* not with --dataset"):
+        load_data(None, "shapes", "x.csv")  # eval's choice of data comes here unvalidated by a config
     recipe = build_config({"dataset": "shapes"}, {"labels": "x.csv"})  # the command line's data replaces the file's
     assert (recipe.dataset, recipe.labels, recipe.img_size) == (None, "x.csv", 224)  # not shapes' 64 px
 
@@ -125,3 +129,17 @@ def test_train_eval_and_check_data_read_the_same_label_file(flat, tmp_path):
     assert (checked["splits"]["train"]["images"], checked["splits"]["val"]["images"]) == (12, 3)
     bad = invoke("train", "--labels", str(root / "nope.csv"), *TINY, code=1)
     assert "label file" in one_line_error(bad) and "does not exist" in one_line_error(bad)
+
+
+def test_eval_falls_back_on_the_label_file_trained_on_only_while_it_is_there(tmp_path):
+    from cnntrain.evaluation import DataChoice, data_of
+
+    listed = write_csv(tmp_path / "list.csv", ["path", "label"], [["a.png", "cat"]])
+    ckpt = {"config": {"labels": str(listed), "data_path": None}}
+    said: list[str] = []
+    assert data_of(ckpt, "best.pt", DataChoice(), said.append) == DataChoice(None, None, listed)
+    assert "scoring on" in said[0] and str(listed) in said[0]
+    assert data_of(ckpt, "best.pt", DataChoice(dataset="shapes")) == DataChoice(dataset="shapes")  # given wins
+    listed.unlink()
+    with pytest.raises(UsageError, match="no --labels given, and .* is not there any more; give --data-path DIR"):
+        data_of(ckpt, "best.pt", DataChoice())

@@ -72,15 +72,18 @@ def _columns(path: Path, header: list[str]) -> tuple[int, int, int | None]:
     return header.index("path"), header.index("label"), header.index("split") if "split" in header else None
 
 
+def _cell(cells: list[str], i: int | None) -> str:
+    """Column ``i`` of a row, stripped; empty where the row is short."""
+    return cells[i].strip() if i is not None and i < len(cells) else ""
+
+
 def _read_rows(path: Path) -> list[_Row]:
     header, data = _open_rows(path)
     at_path, at_label, at_split = _columns(path, header)
     rows = []
     for line, cells in enumerate(data, start=2):
-        def cell(i: int | None, cells: list[str] = cells) -> str:
-            return cells[i].strip() if i is not None and i < len(cells) else ""
-
-        row = _Row(line, cell(at_path), cell(at_label), cell(at_split).lower() if at_split is not None else None)
+        split = _cell(cells, at_split).lower() if at_split is not None else None
+        row = _Row(line, _cell(cells, at_path), _cell(cells, at_label), split)
         if not row.path:
             raise DataError(f"{path}, line {line}: empty path; every row needs the image's path")
         if not row.label:
