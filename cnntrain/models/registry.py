@@ -139,7 +139,12 @@ def _family_of(name: str, builder: Builder) -> str:
 
 def _torchvision_builder(name: str) -> Builder:
     def build(**kwargs: Any) -> nn.Module:
-        return torchvision.models.get_model(name, weights=None, **kwargs)
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        if name.startswith("shufflenet_v2"):
+            from cnntrain.models.shuffle import keep_memory_format
+
+            keep_memory_format(model)  # channels_last stays channels_last through the shuffles
+        return model
 
     build.__name__ = name
     return build

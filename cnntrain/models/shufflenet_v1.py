@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from cnntrain.models.registry import register_model
+from cnntrain.models.shuffle import channel_shuffle
 
 __all__ = ["ShuffleNetV1", "ShuffleUnit", "channel_shuffle"]
 
@@ -28,12 +29,6 @@ STAGE_CHANNELS: dict[int, tuple[int, int, int]] = {
 }
 STAGE_REPEATS = (4, 8, 4)
 STEM_CHANNELS = 24
-
-
-def channel_shuffle(x: Tensor, groups: int) -> Tensor:
-    """Interleave the channels of ``groups`` groups so the next grouped conv sees all of them."""
-    n, c, h, w = x.shape
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
 def _round_channels(value: float, divisor: int) -> int:
