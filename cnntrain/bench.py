@@ -8,7 +8,8 @@ images/s on random tensors already on the device: the model's ceiling. Beside cn
 step), alternating the two so that a busy machine slows both alike; ``step_vs_bare`` is what
 cnntrain's defaults buy. With a data folder
 (``pipeline=True``) it also times the trainer's own input pipeline alone and whole training
-epochs, so ``efficiency = end-to-end / ceiling`` says how much the data path costs; ``cache``
+epochs, so ``efficiency = end-to-end / ceiling`` says how much the data path costs (the ceiling
+timed again around each epoch, so both see the same load); ``cache``
 (``auto``, ``ram``, ``disk`` or ``none``, as ``train --cache``) says whether the pipeline reads
 decoded images from the image cache, so the two can be compared.
 
@@ -73,12 +74,12 @@ def _median_seconds(fn: Callable[[], Any], runs: int, target: float = 0.2,
 
     ``sync`` (:func:`synchronizer`) brackets the call that sizes the blocks: unsynchronised, a GPU
     call times only its kernel launches, and the blocks would be many times too long."""
-    return _paired_seconds([fn], runs, target, sync)[0]
+    return statistics.median(_paired_blocks([fn], runs, target, sync)[0])
 
 
-def _paired_seconds(fns: Sequence[Callable[[], Any]], runs: int, target: float = 0.2,
-                    sync: Callable[[], None] = lambda: None) -> list[float]:
-    """Median seconds per call of each of ``fns``, measured in alternating blocks (a, b, a, b, ...).
+def _paired_blocks(fns: Sequence[Callable[[], Any]], runs: int, target: float = 0.2,
+                   sync: Callable[[], None] = lambda: None) -> list[list[float]]:
+    """Seconds per call of each of ``fns`` in each of ``runs`` rounds of alternating blocks.
 
     Two figures meant to be compared are taken side by side: a load that comes and goes on a
     shared machine then slows both, where back-to-back measurements would give it to one."""
@@ -95,7 +96,7 @@ def _paired_seconds(fns: Sequence[Callable[[], Any]], runs: int, target: float =
     for _ in range(runs):
         for i, timer in enumerate(timers):
             blocks[i].append(timer.timeit(number[i]).median)
-    return [statistics.median(b) for b in blocks]
+    return blocks
 
 
 def _batch(batch: int, size: int, num_classes: int, device: torch.device,
@@ -211,10 +212,11 @@ def bench_model(name: str, *, img_size: int, batch_size: int, device: torch.devi
         model.train()
         step = _step_fn(model, batch_size, size, num_classes, device, channels_last, amp_dtype)
         bare = _bare_step_fn(model, batch_size, size, num_classes, device, amp_dtype)
-        seconds, bare_seconds = _paired_seconds([step, bare], runs, sync=sync)
-        row["train_images_per_s"] = batch_size / seconds
-        row["bare_images_per_s"] = batch_size / bare_seconds
-        row["step_vs_bare"] = bare_seconds / seconds
+        steps, bares = _paired_blocks([step, bare], runs, sync=sync)
+        row["train_images_per_s"] = batch_size / statistics.median(steps)
+        row["bare_images_per_s"] = batch_size / statistics.median(bares)
+        # each round's own ratio: a load that lasts one round changes its two blocks, not the ratio
+        row["step_vs_bare"] = statistics.median(b / s for s, b in zip(steps, bares))
     except torch.OutOfMemoryError:
         raise CnnTrainError(f"{name}: out of memory at batch {batch_size}, {size}px; try a smaller "
                             "--batch-size") from None
@@ -238,9 +240,7 @@ def bench_pipeline(row: dict[str, Any], model: nn.Module, splits: Any, *, device
     to read decoded images from, as ``fit`` does (None: decode every file every epoch).
     ``gpu_decode``: decode JPEGs on a CUDA device, as ``train --gpu-decode``.
     """
-    from cnntrain.engine import sync_every_for, train_one_epoch
     from cnntrain.models import normalisation
-    from cnntrain.runtime import grad_scaler
     from cnntrain.train.pipeline import PipelineSettings, build_pipeline
 
     mean, std = normalisation(row["arch"])
@@ -265,26 +265,56 @@ def bench_pipeline(row: dict[str, Any], model: nn.Module, splits: Any, *, device
         log(f"{row['arch']}: data epoch {epoch + 1}/{epochs}: {data_rates[-1]:.1f} images/s")
     del data
 
-    train = pipeline()
-    optimizer = _make_optimizer(model)
-    scaler = grad_scaler(amp_dtype)
-    criterion = nn.CrossEntropyLoss()
-    train_rates = []
-    for epoch in range(epochs):
-        train.sampler.set_epoch(epoch)
-        totals = train_one_epoch(model, train.train, optimizer, criterion, train.batcher, epoch=epoch, scaler=scaler,
-                                 sync_every=sync_every_for(device))  # as fit() trains
-        train_rates.append(totals.summary()["images_per_s"])
-        log(f"{row['arch']}: training epoch {epoch + 1}/{epochs}: {train_rates[-1]:.1f} images/s")
-    e2e = _median_after_first(train_rates)
+    train_rates, ceilings = _epochs_beside_ceiling(row, model, pipeline(), device=device, amp_dtype=amp_dtype,
+                                                   channels_last=channels_last, epochs=epochs, log=log)
+    ratios = [rate / ceiling for rate, ceiling in zip(train_rates, ceilings)]
     row.update({
         "images": len(splits.train), "workers": workers, "epochs": epochs,
         "cache": image_cache.mode if image_cache is not None else "none",
         "data_images_per_s": _median_after_first(data_rates), "data_epoch_images_per_s": data_rates,
-        "epoch_images_per_s": train_rates, "e2e_images_per_s": e2e,
-        "efficiency": e2e / row["train_images_per_s"],
+        "epoch_images_per_s": train_rates, "e2e_images_per_s": _median_after_first(train_rates),
+        "ceiling_images_per_s": ceilings, "efficiency": _median_after_first(ratios),
     })
     return row
+
+
+def _epochs_beside_ceiling(row: dict[str, Any], model: nn.Module, train: Any, *, device: torch.device,
+                           amp_dtype: torch.dtype | None, channels_last: bool, epochs: int,
+                           log: Log) -> tuple[list[float], list[float]]:
+    """Images/s of whole training epochs, each with the model's ceiling timed right around it.
+
+    The ceiling (the step alone, on a batch already on the device) is timed in a block of a quarter
+    of an epoch's steps before the epoch and another after it, with the same model, threads and idle
+    workers: a load that comes and goes on a shared machine then slows an epoch and its ceiling
+    alike, where a ceiling taken minutes before made the ratio swing from 0.86 to 1.17 run to run."""
+    from cnntrain.engine import sync_every_for, train_one_epoch
+    from cnntrain.runtime import grad_scaler
+
+    optimizer, scaler, criterion = _make_optimizer(model), grad_scaler(amp_dtype), nn.CrossEntropyLoss()
+    step = _step_fn(model, row["batch_size"], row["img_size"], row["num_classes"], device, channels_last, amp_dtype)
+    block = max(2, len(train.train) // 4)
+    sync = synchronizer(device)
+
+    def ceiling_seconds() -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(block):
+            step()
+        sync()
+        return time.perf_counter() - start
+
+    step()  # warm-up
+    rates, ceilings = [], []
+    for epoch in range(epochs):
+        before = ceiling_seconds()
+        train.sampler.set_epoch(epoch)
+        totals = train_one_epoch(model, train.train, optimizer, criterion, train.batcher, epoch=epoch, scaler=scaler,
+                                 sync_every=sync_every_for(device))  # as fit() trains
+        rates.append(totals.summary()["images_per_s"])
+        ceilings.append(2 * block * row["batch_size"] / (before + ceiling_seconds()))
+        log(f"{row['arch']}: training epoch {epoch + 1}/{epochs}: {rates[-1]:.1f} images/s "
+            f"(the step alone around it: {ceilings[-1]:.1f})")
+    return rates, ceilings
 
 
 def _check_request(*, batch_size: int, img_size: int, runs: int, epochs: int, workers: int | None,

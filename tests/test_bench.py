@@ -74,6 +74,10 @@ def test_bench_pipeline(runner, tmp_path, cache):
     for key in (*MODEL_FIELDS, "data_images_per_s", "e2e_images_per_s", "efficiency"):
         assert row[key] > 0, key
     assert row["e2e_images_per_s"] == pytest.approx(row["epoch_images_per_s"][1])
+    # efficiency: epoch 2 against the step alone, timed around that same epoch (not minutes before)
+    assert len(row["ceiling_images_per_s"]) == 2
+    assert row["efficiency"] == pytest.approx(row["epoch_images_per_s"][1] / row["ceiling_images_per_s"][1])
+    assert "the step alone around it" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [
