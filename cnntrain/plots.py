@@ -31,8 +31,9 @@ MARKER_MAX_EPOCHS = 50  # markers make a 1-epoch run visible, but clutter long o
 
 
 def new_figure(width: float, height: float, layout: Literal["constrained"] | None = "constrained") -> Figure:
-    """A figure on its own Agg canvas (no pyplot state). ``layout=None`` for grids of equal cells,
-    which place themselves: the constrained-layout solver costs most of their drawing time."""
+    """A figure on its own Agg canvas (no pyplot state). ``layout=None`` where the margins are known
+    in advance (grids of equal cells, axes whose labels have a known length): the constrained-layout
+    solver draws the figure an extra time and costs about 0.4 s of a figure's 1 s."""
     fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
@@ -76,8 +77,9 @@ def plot_learning_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
     epochs = np.where(np.isnan(epochs), np.arange(1, len(rows) + 1), epochs)
     marker = "o" if len(rows) <= MARKER_MAX_EPOCHS else None
 
-    fig = new_figure(11, 4.2)
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    fig = new_figure(11, 4.2, layout=None)  # labels of known length: fixed margins, no layout solver
+    ax_loss, ax_acc = fig.subplots(1, 2, gridspec_kw={"left": 0.08, "right": 0.99, "bottom": 0.12, "top": 0.92,
+                                                      "wspace": 0.2})
     panels = ((ax_loss, "loss", 1.0, "Loss"), (ax_acc, "acc", 100.0, "Accuracy (%)"))
     for ax, metric, scale, ylabel in panels:
         for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
@@ -95,6 +97,7 @@ def plot_learning_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
         if ax.get_lines():
             ax.legend()
 
+    ax_loss.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # short tick labels fit the margin
     val_acc = _series(rows, "val_acc", 100.0)
     if val_acc.size and not np.isnan(val_acc).all():
         best = int(np.nanargmax(val_acc))

@@ -86,8 +86,10 @@ def plot_reliability(curves: Sequence[tuple[str, ReliabilityBins]], path: str | 
     """Reliability diagram, one column per curve (e.g. raw and with the temperature): accuracy
     against confidence per bin above the diagonal of perfect calibration, the gap shaded, the
     ECE in the title, and below it how many images each bin holds. ``what``: the images."""
-    fig = new_figure(5.0 * len(curves), 6.0)
-    grid = fig.add_gridspec(2, len(curves), height_ratios=(3, 1))
+    inches = 5.0 * len(curves)
+    fig = new_figure(inches, 6.0, layout=None)  # fixed labels: fixed margins, no layout solver
+    grid = fig.add_gridspec(2, len(curves), height_ratios=(3, 1), left=0.65 / inches, right=1 - 0.3 / inches,
+                            bottom=0.08, top=0.9, wspace=0.25, hspace=0.28)
     for column, (label, bins) in enumerate(curves):
         ax, hist = fig.add_subplot(grid[0, column]), fig.add_subplot(grid[1, column])
         width = 1.0 / bins.bins
