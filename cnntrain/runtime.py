@@ -54,7 +54,10 @@ def use_channels_last(device: torch.device, img_size: int) -> bool:
 
     Measured on a 2-core VM (training step, batch 16, NHWC / NCHW time): resnet18 1.41 at 32 px,
     1.12 at 64, 0.93 at 112, 0.95 at 224; shufflenet_v2_x1_0 0.91 at 64, 0.90 at 112; inference
-    of shufflenet_v2_x1_0 at 224 px, batch 32: 138 -> 190 images/s. Off on MPS.
+    of shufflenet_v2_x1_0 at 224 px, batch 32: 138 -> 190 images/s. Off on MPS. At 224 px in 20-40
+    alternated rounds (2026-12, NCHW / NHWC time): resnet18 1.00 at batch 16, 1.04 at 32;
+    shufflenet_v2_x1_0 1.00 and 1.10 with ``models.shuffle``'s layout-keeping shuffle (0.92 and ~0.97
+    with torchvision's, which turned every block back to NCHW).
     """
     if device.type == "cuda":
         return True
