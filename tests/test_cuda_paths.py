@@ -269,10 +269,12 @@ def test_bench_pipeline_trains_with_the_loop_settings_of_fit(monkeypatch, image_
     monkeypatch.setattr(engine, "train_one_epoch", spy)
     monkeypatch.setattr(engine, "sync_every_for", lambda device: 7)
     splits = load_folder(image_folder, val_split=0)
-    row = {"arch": "resnet18", "img_size": 32, "batch_size": 8, "train_images_per_s": 1.0}
-    bench.bench_pipeline(row, nn.Linear(1, 1), splits, device=torch.device("cpu"), amp_dtype=None,
+    row = {"arch": "resnet18", "img_size": 32, "batch_size": 8, "num_classes": splits.num_classes}
+    tiny = nn.Sequential(nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, splits.num_classes))
+    bench.bench_pipeline(row, tiny, splits, device=torch.device("cpu"), amp_dtype=None,
                          channels_last=False, workers=0, epochs=1)
     assert seen == [7]
+    assert row["efficiency"] == pytest.approx(1.0 / row["ceiling_images_per_s"][0])  # the spy's 1 image/s
 
 
 # 3 and 6: two gloo processes -----------------------------------------------------------------------
