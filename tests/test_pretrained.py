@@ -58,6 +58,16 @@ def test_torchvision_weights_then_head_swap(fake_weights, name):
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 4)
 
 
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_shufflenet_v2_keeps_channels_last_pretrained_or_not(fake_weights, pretrained):
+    model, _ = build_model("shufflenet_v2_x0_5", num_classes=3, pretrained=pretrained)  # torchvision builds it
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    model.eval().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = model.stage2(model.maxpool(model.conv1(x)))
+    assert out.is_contiguous(memory_format=torch.channels_last)  # torchvision's own shuffle returns NCHW
+
+
 def test_googlenet_aux_heads_dropped_after_pretrained_load(fake_weights):
     model, _ = build_model("googlenet", num_classes=3, pretrained=True)
     assert model.aux1 is None and model.aux2 is None

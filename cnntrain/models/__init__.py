@@ -70,6 +70,14 @@ def build_model(
 ) -> tuple[nn.Module, LoadReport | None]:
     """Build ``name``; with ``pretrained`` also load ImageNet weights and say what was loaded."""
     spec = get_spec(name)
+    model, report = _build(spec, num_classes, pretrained, **kwargs)
+    if spec.after_build is not None:
+        spec.after_build(model)
+    return model, report
+
+
+def _build(spec: ModelSpec, num_classes: int, pretrained: bool, **kwargs: Any) -> tuple[nn.Module, LoadReport | None]:
+    name = spec.name
     if not pretrained:
         return spec.builder(num_classes=num_classes, **{**spec.build_kwargs, **kwargs}), None
     if spec.pretrained_loader is not None:  # the library loads its own weights and sizes its head

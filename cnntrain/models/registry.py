@@ -41,6 +41,9 @@ class ModelSpec:
     # applied after torchvision's builder loaded weights (which refuses those kwargs).
     build_kwargs: dict[str, Any] = field(default_factory=dict)
     after_pretrained: Callable[[nn.Module], None] | None = None
+    # Applied to every model build_model returns, from scratch or pretrained (same modules and state):
+    # e.g. ShuffleNet V2's layout-keeping channel shuffle.
+    after_build: Callable[[nn.Module], Any] | None = None
     # Smallest square input the architecture accepts, for quick tests and MAC counts.
     min_size: int = 32
     description: str = ""
@@ -139,18 +142,15 @@ def _family_of(name: str, builder: Builder) -> str:
 
 def _torchvision_builder(name: str) -> Builder:
     def build(**kwargs: Any) -> nn.Module:
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
-        if name.startswith("shufflenet_v2"):
-            from cnntrain.models.shuffle import keep_memory_format
-
-            keep_memory_format(model)  # channels_last stays channels_last through the shuffles
-        return model
+        return torchvision.models.get_model(name, weights=None, **kwargs)
 
     build.__name__ = name
     return build
 
 
 def _register_torchvision() -> None:
+    from cnntrain.models.shuffle import keep_memory_format  # channels_last kept through the shuffles
+
     for name in torchvision.models.list_models(module=torchvision.models):
         tv_builder = torchvision.models.get_model_builder(name)
         weights = torchvision.models.get_model_weights(name)
@@ -164,6 +164,7 @@ def _register_torchvision() -> None:
                 weights=weights.DEFAULT if len(weights) else None,
                 build_kwargs=_TORCHVISION_KWARGS.get(name, {}),
                 after_pretrained=_drop_aux_heads if name in _TORCHVISION_KWARGS else None,
+                after_build=keep_memory_format if name.startswith("shufflenet_v2") else None,
                 min_size=min_size,
                 description=f"torchvision.models.{name}",
             )
