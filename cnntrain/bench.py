@@ -292,26 +292,16 @@ def _epochs_beside_ceiling(row: dict[str, Any], model: nn.Module, train: Any, *,
 
     optimizer, scaler, criterion = _make_optimizer(model), grad_scaler(amp_dtype), nn.CrossEntropyLoss()
     step = _step_fn(model, row["batch_size"], row["img_size"], row["num_classes"], device, channels_last, amp_dtype)
-    block = max(2, len(train.train) // 4)
-    sync = synchronizer(device)
-
-    def ceiling_seconds() -> float:
-        sync()
-        start = time.perf_counter()
-        for _ in range(block):
-            step()
-        sync()
-        return time.perf_counter() - start
-
+    block, timer = max(2, len(train.train) // 4), _timer(step)
     step()  # warm-up
     rates, ceilings = [], []
     for epoch in range(epochs):
-        before = ceiling_seconds()
+        before = timer.timeit(block).median  # seconds per step
         train.sampler.set_epoch(epoch)
         totals = train_one_epoch(model, train.train, optimizer, criterion, train.batcher, epoch=epoch, scaler=scaler,
                                  sync_every=sync_every_for(device))  # as fit() trains
         rates.append(totals.summary()["images_per_s"])
-        ceilings.append(2 * block * row["batch_size"] / (before + ceiling_seconds()))
+        ceilings.append(2 * row["batch_size"] / (before + timer.timeit(block).median))
         log(f"{row['arch']}: training epoch {epoch + 1}/{epochs}: {rates[-1]:.1f} images/s "
             f"(the step alone around it: {ceilings[-1]:.1f})")
     return rates, ceilings

@@ -24,7 +24,7 @@ __all__ = ["channel_shuffle", "keep_memory_format"]
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     """Interleave the channels of ``groups`` groups, in ``x``'s own memory format."""
     n, c, h, w = x.shape
-    if c > 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         nhwc = x.permute(0, 2, 3, 1)  # a contiguous view: channels are the last axis
         shuffled = nhwc.reshape(n, h, w, groups, c // groups).transpose(3, 4).reshape(n, h, w, c)
         return shuffled.permute(0, 3, 1, 2)
